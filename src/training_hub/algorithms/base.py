@@ -1,0 +1,96 @@
+"""Shared machinery of the built-in algorithms: one declaration drives validation and the signature."""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any, ClassVar, Dict, Type
+
+from training_hub.config.declare import optional_params, param_specs, required_params, validate_params
+from training_hub.registry import Algorithm, AlgorithmRegistry, Backend, backend_availability
+
+
+class DeclaredAlgorithm(Algorithm):
+    """An algorithm whose parameters are the fields of ``config_class``.
+
+    ``train(**kwargs)`` validates every parameter (all problems in one ``ValueError``, before any heavy
+    import), then hands the backend a plain dict of the full validated configuration, defaults included.
+    """
+
+    name: ClassVar[str]
+    config_class: ClassVar[type]
+    backend_preference: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, backend: Backend, **kwargs: Any):
+        self.backend = backend
+        self.kwargs = kwargs
+
+    def train(self, **kwargs: Any) -> Any:
+        config = self.validate({**self.kwargs, **kwargs})
+        self._check_backend_can_run()
+        return self.backend.execute_training(config.to_dict())
+
+    def validate(self, params: Dict[str, Any]) -> Any:
+        """The typed config for ``params``, or a ``ParameterError`` (a ``ValueError``) listing every problem."""
+        return validate_params(self.config_class, params, what=f"{self.name}()")
+
+    def _check_backend_can_run(self) -> None:
+        status = backend_availability(type(self.backend))
+        if status:
+            return
+        runnable = [n for n, s in AlgorithmRegistry.backend_status(self.name).items() if s]
+        raise RuntimeError(f"Backend {type(self.backend).__name__} of '{self.name}' cannot run here: {status.reason}. "
+                           f"Backends that can: {', '.join(runnable) or 'none'}.")
+
+    def get_required_params(self) -> Dict[str, Type]:
+        return required_params(self.config_class)
+
+    def get_optional_params(self) -> Dict[str, Type]:
+        return optional_params(self.config_class)
+
+
+def run_algorithm(name: str, backend: str | None, params: Dict[str, Any]) -> Any:
+    """Body of every convenience function: looks the backend up now, so late registrations work."""
+    from training_hub.registry import create_algorithm
+
+    return create_algorithm(name, backend_name=backend).train(**params)
+
+
+def signature_from_config(config_class: type, extra: tuple[inspect.Parameter, ...] = ()) -> inspect.Signature:
+    """An ``inspect.Signature`` for a convenience function, generated from the declaration."""
+    params = []
+    for spec in param_specs(config_class).values():
+        default = inspect.Parameter.empty if spec.required else spec.default
+        params.append(inspect.Parameter(spec.name, inspect.Parameter.KEYWORD_ONLY, default=default,
+                                        annotation=spec.type))
+    positional = [p.replace(kind=inspect.Parameter.POSITIONAL_OR_KEYWORD) for p in params if p.default is p.empty]
+    rest = [p for p in params if p.default is not p.empty]
+    backend = inspect.Parameter("backend", inspect.Parameter.KEYWORD_ONLY, default=None, annotation=str | None)
+    return inspect.Signature(positional + [backend] + rest + list(extra))
+
+
+def convenience_function(algorithm_class: type, summary: str):
+    """Build ``sft()``-style functions from the declaration: signature and docs are generated, not typed out."""
+    name = algorithm_class.name
+    required = list(required_params(algorithm_class.config_class))
+
+    def train_fn(*args: Any, backend: str | None = None, **kwargs: Any) -> Any:
+        if len(args) > len(required):
+            raise TypeError(f"{name}() takes at most {len(required)} positional arguments ({', '.join(required)})")
+        params = dict(zip(required, args))
+        clash = set(params) & set(kwargs)
+        if clash:
+            raise TypeError(f"{name}() got multiple values for {', '.join(sorted(clash))}")
+        return run_algorithm(name, backend, {**params, **kwargs})
+
+    train_fn.__name__ = train_fn.__qualname__ = name
+    train_fn.__signature__ = signature_from_config(algorithm_class.config_class)
+    train_fn.__doc__ = f"{summary}\n\n{params_docstring(algorithm_class.config_class)}"
+    return train_fn
+
+
+def params_docstring(config_class: type) -> str:
+    lines = ["Parameters", "----------", "backend : str, optional", "    Backend name (default: the first available)."]
+    for spec in param_specs(config_class).values():
+        default = "required" if spec.required else f"default {spec.default!r}"
+        lines += [f"{spec.name} : {spec.type_name} ({default})", f"    {spec.doc}"]
+    return "\n".join(lines)

@@ -1,0 +1,24 @@
+"""Supervised fine-tuning: chat data (loss on assistant turns) and continual pretraining."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from training_hub.algorithms.base import DeclaredAlgorithm, convenience_function
+from training_hub.config.groups import ENGINE_GROUPS
+
+
+@dataclass(kw_only=True)
+class SFTConfig(*reversed(ENGINE_GROUPS)):
+    """Every parameter of ``sft()``; the engine groups are shared with the other algorithms."""
+
+
+class SFTAlgorithm(DeclaredAlgorithm):
+    """Supervised fine-tuning."""
+
+    name = "sft"
+    config_class = SFTConfig
+    backend_preference = ("native",)
+
+
+sft = convenience_function(SFTAlgorithm, "Supervised fine-tuning of a causal language model on chat or text data.")

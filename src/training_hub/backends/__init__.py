@@ -1,0 +1,1 @@
+"""Backend adapters. Each module keeps its heavy imports inside ``execute_training``."""

@@ -1,0 +1,249 @@
+"""Declare each parameter once; derive signature, validation, CLI flags and docs from it.
+
+An algorithm's parameters are a keyword-only dataclass built from shared groups (see ``groups.py``).
+Every field is made with :func:`param`, which records a one-line doc and optional range/choice checks in
+the field metadata.  Everything else in the package reads that declaration:
+
+* ``required_params`` / ``optional_params`` -> ``Algorithm.get_required_params()`` / ``get_optional_params()``
+* :func:`validate_params` -> the single ``ValueError`` listing every problem of a call
+* ``training_hub.cli`` -> one ``--flag`` per field with the doc as help
+* ``docs/parameters.md`` -> generated reference
+
+We write this small layer ourselves (instead of pydantic) because it must stay import-cheap
+(``import training_hub`` may not pull in heavy modules) and because the error we want is specific:
+*all* problems of one call, each with a "did you mean" hint, in one exception.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from typing import Any, Literal, Union
+
+MISSING = dataclasses.MISSING
+
+
+def param(
+    default: Any = MISSING,
+    doc: str = "",
+    *,
+    gt: float | None = None,
+    ge: float | None = None,
+    lt: float | None = None,
+    le: float | None = None,
+    cli: bool = True,
+    default_factory: Any = MISSING,
+) -> Any:
+    """A declared parameter: default (omit for required), one-line doc and optional bounds."""
+    meta = {"doc": doc, "gt": gt, "ge": ge, "lt": lt, "le": le, "cli": cli}
+    if default_factory is not MISSING:
+        return dataclasses.field(default_factory=default_factory, metadata=meta)
+    return dataclasses.field(default=default, metadata=meta)
+
+
+@dataclasses.dataclass(frozen=True)
+class ParamSpec:
+    """One declared parameter, resolved from a dataclass field."""
+
+    name: str
+    type: Any
+    default: Any
+    required: bool
+    doc: str
+    group: str
+    bounds: dict[str, float]
+    cli: bool
+
+    @property
+    def choices(self) -> tuple | None:
+        args = _literal_args(self.type)
+        return args or None
+
+    @property
+    def type_name(self) -> str:
+        return _type_name(self.type)
+
+
+def _literal_args(tp: Any) -> tuple:
+    if typing.get_origin(tp) is Literal:
+        return typing.get_args(tp)
+    if _is_union(tp):
+        for arg in typing.get_args(tp):
+            found = _literal_args(arg)
+            if found:
+                return found
+    return ()
+
+
+def _is_union(tp: Any) -> bool:
+    return typing.get_origin(tp) in (Union, types.UnionType)
+
+
+def _type_name(tp: Any) -> str:
+    if tp is type(None):
+        return "None"
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    if _is_union(tp):
+        return " | ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin is not None:
+        inner = ", ".join(_type_name(a) for a in typing.get_args(tp))
+        return f"{origin.__name__}[{inner}]"
+    return getattr(tp, "__name__", str(tp))
+
+
+def param_specs(config_cls: type) -> dict[str, ParamSpec]:
+    """All declared parameters of a config dataclass, in declaration order."""
+    cached = config_cls.__dict__.get("_th_specs")
+    if cached is not None:
+        return cached
+    hints = typing.get_type_hints(config_cls)
+    groups = _field_groups(config_cls)
+    specs: dict[str, ParamSpec] = {}
+    for f in dataclasses.fields(config_cls):
+        required = f.default is MISSING and f.default_factory is MISSING
+        default = None if required else (f.default if f.default is not MISSING else f.default_factory())
+        bounds = {k: f.metadata.get(k) for k in ("gt", "ge", "lt", "le") if f.metadata.get(k) is not None}
+        specs[f.name] = ParamSpec(
+            name=f.name, type=hints[f.name], default=default, required=required,
+            doc=f.metadata.get("doc", ""), group=groups.get(f.name, config_cls.__name__),
+            bounds=bounds, cli=f.metadata.get("cli", True),
+        )
+    setattr(config_cls, "_th_specs", specs)
+    return specs
+
+
+def _field_groups(config_cls: type) -> dict[str, str]:
+    """Map each field to the (most basic) class in the MRO that declares it: its group."""
+    groups: dict[str, str] = {}
+    for klass in reversed(config_cls.__mro__):
+        title = getattr(klass, "group_title", klass.__name__)
+        for name in klass.__dict__.get("__annotations__", {}):
+            groups.setdefault(name, title)
+    return groups
+
+
+def required_params(config_cls: type) -> dict[str, Any]:
+    return {n: s.type for n, s in param_specs(config_cls).items() if s.required}
+
+
+def optional_params(config_cls: type) -> dict[str, Any]:
+    return {n: s.type for n, s in param_specs(config_cls).items() if not s.required}
+
+
+# ----------------------------------------------------------------------------------------------
+# validation
+
+
+def closest(name: str, candidates: typing.Iterable[str]) -> str | None:
+    """The closest candidate to ``name`` (for "did you mean" hints), or None."""
+    found = difflib.get_close_matches(name, list(candidates), n=1, cutoff=0.6)
+    return found[0] if found else None
+
+
+class ParameterError(ValueError):
+    """Raised with every problem of one call; ``.problems`` holds them one per line."""
+
+    def __init__(self, what: str, problems: list[str]):
+        self.problems = list(problems)
+        lines = "\n".join(f"  - {p}" for p in self.problems)
+        super().__init__(f"{len(self.problems)} problem(s) with the parameters of {what}:\n{lines}")
+
+
+def check_value(spec: ParamSpec, value: Any) -> tuple[Any, str | None]:
+    """Check (and gently coerce: int -> float, PathLike -> str) one value. Returns (value, problem)."""
+    ok, value = _conforms(spec.type, value)
+    if not ok:
+        problem = f"{spec.name}: expected {spec.type_name}, got {value!r} ({type(value).__name__})"
+        hint = closest(value, [c for c in spec.choices or () if isinstance(c, str)]) if isinstance(value, str) else None
+        return value, problem + (f"; did you mean {hint!r}?" if hint else "")
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        for key, limit in spec.bounds.items():
+            bad = {"gt": value <= limit, "ge": value < limit, "lt": value >= limit, "le": value > limit}[key]
+            if bad:
+                rule = {"gt": ">", "ge": ">=", "lt": "<", "le": "<="}[key]
+                return value, f"{spec.name}: must be {rule} {limit}, got {value!r}"
+    return value, None
+
+
+def _conforms(tp: Any, value: Any) -> tuple[bool, Any]:
+    if tp is Any:
+        return True, value
+    if tp is type(None):
+        return value is None, value
+    origin = typing.get_origin(tp)
+    if _is_union(tp):
+        for arg in typing.get_args(tp):
+            ok, coerced = _conforms(arg, value)
+            if ok:
+                return True, coerced
+        return False, value
+    if origin is Literal:
+        return value in typing.get_args(tp), value
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            return False, value
+        (item_tp, *_) = typing.get_args(tp) or (Any,)
+        items = [_conforms(item_tp, v) for v in value]
+        return all(ok for ok, _ in items), [v for _, v in items]
+    if origin is dict:
+        return isinstance(value, dict), value
+    if origin is not None:  # e.g. Callable, Sequence: accept anything of the origin
+        return isinstance(value, origin) if isinstance(origin, type) else True, value
+    if tp is float:
+        if isinstance(value, bool):
+            return False, value
+        return isinstance(value, (int, float)), float(value) if isinstance(value, (int, float)) else value
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool), value
+    if tp is str:
+        if hasattr(value, "__fspath__"):
+            return True, str(value.__fspath__())
+        return isinstance(value, str), value
+    if isinstance(tp, type):
+        return isinstance(value, tp), value
+    return True, value
+
+
+def validate_params(config_cls: type, params: dict[str, Any], *, what: str = "this call") -> Any:
+    """Build ``config_cls`` from ``params`` or raise one :class:`ParameterError` listing every problem.
+
+    Problems collected: unknown names (with the closest declared name), missing required values,
+    wrong types, out-of-range values, invalid choices, and the config's own cross-field ``checks()``.
+    """
+    specs = param_specs(config_cls)
+    problems: list[str] = []
+    values: dict[str, Any] = {}
+    for name, value in params.items():
+        spec = specs.get(name)
+        if spec is None:
+            hint = closest(name, specs)
+            problems.append(f"{name}: unknown parameter" + (f"; did you mean '{hint}'?" if hint else ""))
+            continue
+        value, problem = check_value(spec, value)
+        if problem:
+            problems.append(problem)
+        values[name] = value
+    for name, spec in specs.items():
+        if spec.required and params.get(name) is None:
+            problems.append(f"{name}: required ({spec.type_name}) but not given")
+    if not problems:
+        config = config_cls(**values)
+        problems.extend(config.checks())
+        if not problems:
+            return config
+    raise ParameterError(what, problems)
+
+
+class DeclaredConfig:
+    """Mixin for the algorithm configs: cross-field checks and a plain-dict view."""
+
+    def checks(self) -> list[str]:
+        """Cross-field problems; each group adds its own by extending this."""
+        return []
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}

@@ -1,0 +1,148 @@
+"""Parameter groups shared by every algorithm, each declared exactly once.
+
+An algorithm's config is a dataclass that inherits the groups it needs (see ``training_hub.algorithms``).
+Names follow the upstream Training Hub where it has one, so user scripts port over unchanged.
+Cross-field rules live in each group's ``checks()``; they chain through ``super()``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, Optional, Union
+
+from training_hub.config.declare import DeclaredConfig, param
+
+
+@dataclass(kw_only=True)
+class ModelDataParams(DeclaredConfig):
+    group_title = "Model and data"
+
+    model_path: str = param(doc="Hugging Face model directory (or hub id already in the local cache) to start from.")
+    data_path: str = param(doc="Training data: a .jsonl/.json/.parquet file, a directory of them, or a saved `datasets` dataset.")
+    ckpt_output_dir: str = param(doc="Directory for checkpoints, metrics.jsonl and training state.")
+    data_output_dir: Optional[str] = param(None, "Cache directory for processed data (default: <ckpt_output_dir>/data_cache).")
+    max_seq_len: int = param(2048, "Longest sample, in tokens; longer samples are dropped (or truncated, see truncate_long_samples).", gt=0)
+    truncate_long_samples: bool = param(False, "Truncate samples longer than max_seq_len instead of dropping them.")
+    unmask_messages: bool = param(False, "Put loss on every message except the system prompt, for every sample.")
+    is_pretraining: bool = param(False, "Continual pretraining: documents are concatenated and cut into block_size blocks.")
+    block_size: Optional[int] = param(None, "Tokens per pretraining block (default: max_seq_len).", gt=0)
+    document_column_name: str = param("document", "Field that holds the text of a pretraining document.")
+    validation_data_path: Optional[str] = param(None, "Held-out data in the training format; its loss is logged per epoch.")
+    validation_split: float = param(0.0, "Fraction of the training data held out for validation when no validation_data_path.", ge=0.0, lt=1.0)
+    eval_steps: Optional[int] = param(None, "Also compute the validation loss every N optimizer steps.", gt=0)
+    trust_remote_code: bool = param(False, "Allow model code from the model directory (transformers' trust_remote_code).")
+
+    def checks(self) -> list[str]:
+        problems = super().checks()
+        if self.validation_data_path and self.validation_split > 0:
+            problems.append("validation_split: give either validation_data_path or validation_split, not both")
+        if self.eval_steps and not (self.validation_data_path or self.validation_split > 0):
+            problems.append("eval_steps: needs validation data (validation_data_path or validation_split > 0)")
+        return problems
+
+
+@dataclass(kw_only=True)
+class OptimizerParams(DeclaredConfig):
+    group_title = "Optimizer (AdamW)"
+
+    learning_rate: float = param(2e-5, "Peak learning rate.", gt=0.0)
+    beta1: float = param(0.9, "AdamW beta1.", ge=0.0, lt=1.0)
+    beta2: float = param(0.95, "AdamW beta2.", ge=0.0, lt=1.0)
+    eps: float = param(1e-8, "AdamW epsilon.", gt=0.0)
+    weight_decay: float = param(0.0, "AdamW decoupled weight decay.", ge=0.0)
+    max_grad_norm: Optional[float] = param(1.0, "Clip the global gradient norm to this value (None: no clipping).", gt=0.0)
+
+
+@dataclass(kw_only=True)
+class ScheduleParams(DeclaredConfig):
+    group_title = "Schedule"
+
+    num_epochs: int = param(1, "Passes over the training data.", gt=0)
+    max_steps: Optional[int] = param(None, "Stop after this many optimizer steps (short runs, smoke tests).", gt=0)
+    lr_scheduler: Literal["constant", "linear", "cosine"] = param("cosine", "Learning-rate schedule after warmup.")
+    warmup_steps: int = param(0, "Linear warmup from 0 to learning_rate over this many optimizer steps.", ge=0)
+    lr_scheduler_kwargs: Optional[dict] = param(None, "Extra schedule options, e.g. {'min_lr_ratio': 0.1} for cosine/linear.")
+    seed: int = param(42, "Seed for initialisation-free randomness: data order, dropout, validation split.")
+
+
+@dataclass(kw_only=True)
+class BatchParams(DeclaredConfig):
+    group_title = "Batching"
+
+    effective_batch_size: int = param(32, "Samples per optimizer step (across all processes).", gt=0)
+    max_tokens_per_gpu: Optional[int] = param(None, "Token budget of one micro-batch per device (default: max_seq_len); "
+                                              "larger steps are split and gradients accumulated.", gt=0)
+
+    def checks(self) -> list[str]:
+        problems = super().checks()
+        max_seq_len = getattr(self, "max_seq_len", None)
+        if self.max_tokens_per_gpu and max_seq_len and not getattr(self, "is_pretraining", False):
+            if self.max_tokens_per_gpu < max_seq_len:
+                problems.append(f"max_tokens_per_gpu: {self.max_tokens_per_gpu} is below max_seq_len {max_seq_len}; "
+                                "a sample of max_seq_len tokens could never fit one micro-batch (raise it or lower max_seq_len)")
+        return problems
+
+
+@dataclass(kw_only=True)
+class RuntimeParams(DeclaredConfig):
+    group_title = "Precision and memory"
+
+    dtype: Literal["auto", "float32", "bfloat16"] = param("auto", "Training precision: auto = bf16 autocast on CUDA, fp32 on CPU.")
+    gradient_checkpointing: bool = param(False, "Recompute activations in the backward pass to save memory.")
+    use_liger: bool = param(False, "Use Liger kernels (CUDA only; ignored with a warning elsewhere).")
+
+
+@dataclass(kw_only=True)
+class CheckpointParams(DeclaredConfig):
+    group_title = "Checkpointing"
+
+    save_samples: Optional[int] = param(None, "Save a checkpoint every N training samples (None or 0: off).", ge=0)
+    checkpoint_at_epoch: bool = param(False, "Save a checkpoint at the end of every epoch.")
+    save_final_checkpoint: bool = param(True, "Save a checkpoint when training ends.")
+    resume: bool = param(False, "Continue from the newest complete training state in ckpt_output_dir.")
+    keep_last_n_checkpoints: Optional[int] = param(None, "Keep only the newest N intermediate checkpoints (None: keep all).", gt=0)
+
+
+@dataclass(kw_only=True)
+class LoggingParams(DeclaredConfig):
+    group_title = "Logging"
+
+    logging_steps: int = param(1, "Log a progress line every N optimizer steps (metrics.jsonl always gets every step).", gt=0)
+    disable_progress_bar: bool = param(False, "Turn off the progress bar on stderr.")
+    wandb_project: Optional[str] = param(None, "Weights & Biases project (logging to W&B is off when unset).")
+    wandb_entity: Optional[str] = param(None, "Weights & Biases entity.")
+    wandb_run_name: Optional[str] = param(None, "Weights & Biases run name.")
+    tensorboard_log_dir: Optional[str] = param(None, "Write TensorBoard event files here.")
+    mlflow_tracking_uri: Optional[str] = param(None, "MLflow tracking URI (a local file:// store works without a server).")
+    mlflow_experiment_name: Optional[str] = param(None, "MLflow experiment name.")
+    mlflow_run_name: Optional[str] = param(None, "MLflow run name.")
+
+
+@dataclass(kw_only=True)
+class DistributedParams(DeclaredConfig):
+    group_title = "Distributed (torchrun)"
+
+    nproc_per_node: Union[int, Literal["auto"]] = param(1, "Processes per node (an int, or 'auto' = one per GPU, 1 on CPU).")
+    nnodes: int = param(1, "Number of nodes.", gt=0)
+    node_rank: int = param(0, "Rank of this node.", ge=0)
+    rdzv_id: Optional[Union[int, str]] = param(None, "Rendezvous id shared by all nodes of a run.")
+    rdzv_endpoint: Optional[str] = param(None, "Rendezvous endpoint host:port.")
+    master_addr: Optional[str] = param(None, "Address of the rank-0 node.")
+    master_port: Optional[int] = param(None, "Port of the rank-0 node.", gt=0, lt=65536)
+    strategy: Literal["ddp", "fsdp2"] = param("ddp", "Data parallel strategy: DDP, or FSDP2 (fully_shard per decoder layer).")
+
+    def checks(self) -> list[str]:
+        problems = super().checks()
+        if isinstance(self.nproc_per_node, int) and self.nproc_per_node < 1:
+            problems.append(f"nproc_per_node: must be >= 1 or 'auto', got {self.nproc_per_node}")
+        if self.node_rank >= self.nnodes:
+            problems.append(f"node_rank: must be < nnodes ({self.nnodes}), got {self.node_rank}")
+        return problems
+
+
+ENGINE_GROUPS: tuple[type, ...] = (
+    ModelDataParams, OptimizerParams, ScheduleParams, BatchParams, RuntimeParams,
+    CheckpointParams, LoggingParams, DistributedParams,
+)
+
+
