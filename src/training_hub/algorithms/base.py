@@ -13,7 +13,9 @@ class DeclaredAlgorithm(Algorithm):
     """An algorithm whose parameters are the fields of ``config_class``.
 
     ``train(**kwargs)`` validates every parameter (all problems in one ``ValueError``, before any heavy
-    import), then hands the backend a plain dict of the full validated configuration, defaults included.
+    import), then hands the backend a plain dict of the parameters the caller gave (validated and coerced),
+    as the upstream library does, so a backend's own ``params.get(name, default)`` fallbacks keep working.
+    Built-in backends rebuild the typed config (declared defaults included) from that dict.
     """
 
     name: ClassVar[str]
@@ -25,9 +27,10 @@ class DeclaredAlgorithm(Algorithm):
         self.kwargs = kwargs
 
     def train(self, **kwargs: Any) -> Any:
-        config = self.validate({**self.kwargs, **kwargs})
+        given = {**self.kwargs, **kwargs}
+        config = self.validate(given)
         self._check_backend_can_run()
-        return self.backend.execute_training(config.to_dict())
+        return self.backend.execute_training({name: getattr(config, name) for name in given})
 
     def validate(self, params: Dict[str, Any]) -> Any:
         """The typed config for ``params``, or a ``ParameterError`` (a ``ValueError``) listing every problem."""

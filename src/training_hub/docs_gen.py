@@ -1,0 +1,68 @@
+"""Generated documentation: the README's algorithm x backend table and docs/parameters.md.
+
+Run ``python -m training_hub.docs_gen`` after changing a declaration or registering a built-in;
+``tests/test_docs.py`` fails while either file is out of date.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from pathlib import Path
+
+from training_hub.config.declare import param_specs
+from training_hub.registry import AlgorithmRegistry
+
+TABLE_BEGIN, TABLE_END = "<!-- backends-table:begin -->", "<!-- backends-table:end -->"
+
+
+def backends_table() -> str:
+    """Markdown table of every built-in algorithm, its backends and the default (by preference)."""
+    rows = ["| algorithm | backends (default first) | function |", "|---|---|---|"]
+    for algo in AlgorithmRegistry.list_algorithms():
+        algorithm_class = AlgorithmRegistry.get_algorithm(algo)
+        names = AlgorithmRegistry.list_backends(algo)
+        preferred = [n for n in getattr(algorithm_class, "backend_preference", ()) if n in names]
+        ordered = preferred + sorted(n for n in names if n not in preferred)
+        rows.append(f"| `{algo}` | {', '.join(f'`{n}`' for n in ordered)} | `training_hub.{algo}()` |")
+    return "\n".join(rows)
+
+
+def parameters_markdown() -> str:
+    out = ["# Parameter reference", "",
+           "Generated from the declarations by `python -m training_hub.docs_gen`; do not edit by hand.",
+           "Every parameter is also a `training-hub train ALGO --flag` (dashes or underscores).", ""]
+    for algo in AlgorithmRegistry.list_algorithms():
+        config_class = getattr(AlgorithmRegistry.get_algorithm(algo), "config_class", None)
+        if config_class is None:
+            continue
+        out += [f"## `{algo}()`", ""]
+        group = None
+        for spec in param_specs(config_class).values():
+            if spec.group != group:
+                group = spec.group
+                out += ["", f"### {group}", "", "| parameter | type | default | description |", "|---|---|---|---|"]
+            default = "**required**" if spec.required else f"`{spec.default!r}`"
+            type_name = spec.type_name.replace("|", "\\|")
+            out.append(f"| `{spec.name}` | `{type_name}` | {default} | {spec.doc.replace('|', '/')} |")
+        out.append("")
+    return "\n".join(out)
+
+
+def readme_with_table(readme: str) -> str:
+    pattern = re.compile(re.escape(TABLE_BEGIN) + ".*?" + re.escape(TABLE_END), re.S)
+    return pattern.sub(f"{TABLE_BEGIN}\n{backends_table()}\n{TABLE_END}", readme)
+
+
+def main(root: str = ".") -> int:
+    root_path = Path(root)
+    readme = root_path / "README.md"
+    readme.write_text(readme_with_table(readme.read_text(encoding="utf-8")), encoding="utf-8")
+    (root_path / "docs").mkdir(exist_ok=True)
+    (root_path / "docs" / "parameters.md").write_text(parameters_markdown(), encoding="utf-8")
+    print(f"updated {readme} and {root_path / 'docs' / 'parameters.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(*sys.argv[1:]))
