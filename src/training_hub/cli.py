@@ -214,6 +214,13 @@ def cmd_demo(ns: argparse.Namespace) -> int:
     return run_demo(ns.output_dir)
 
 
+def cmd_plot(ns: argparse.Namespace) -> int:
+    from training_hub.plot import plot_loss
+
+    print(f"wrote {plot_loss(ns.runs, ns.output, labels=ns.labels)}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="training-hub", description="LLM post-training in one call.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -228,6 +235,10 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.add_argument("--vocab-size", type=int, default=1024)
     demo = sub.add_parser("demo", help="Build the tiny model, train it on the bundled data, show before/after.")
     demo.add_argument("--output-dir", default="demo_output")
+    plot = sub.add_parser("plot", help="Draw the loss curves of one or more runs (their metrics.jsonl) to a PNG.")
+    plot.add_argument("runs", nargs="+", help="ckpt_output_dir of each run (or its metrics.jsonl)")
+    plot.add_argument("-o", "--output", default="loss.png")
+    plot.add_argument("--labels", nargs="+", help="legend label for each run (default: folder names)")
     return parser
 
 
@@ -240,7 +251,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"error: {exc}", file=sys.stderr)
             return 2
     ns = build_parser().parse_args(argv)
-    handlers = {"list": cmd_list, "make-tiny-model": cmd_make_tiny_model, "demo": cmd_demo}
+    handlers = {"list": cmd_list, "make-tiny-model": cmd_make_tiny_model, "demo": cmd_demo, "plot": cmd_plot}
     return handlers[ns.command](ns)
 
 
