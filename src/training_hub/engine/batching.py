@@ -1,0 +1,118 @@
+"""Token-budget batching: plan optimizer steps into micro-batches, and pack a micro-batch into one row.
+
+Semantics (the upstream Training Hub's): an optimizer step sees ``effective_batch_size`` samples; the step is
+split into micro-batches of at most ``max_tokens_per_gpu`` tokens each, and gradients are accumulated over them.
+
+A micro-batch is packed without padding: its samples are concatenated into a single row, position ids restart
+at 0 for every sample (transformers derives a block-diagonal causal mask from that, so attention stays inside
+each sample), and labels are shifted *per sample* before concatenation, so no target crosses a sample boundary.
+
+The plan is a pure function of (sample lengths, batch settings, seed, epoch): a resumed run recomputes exactly
+the same plan and skips the steps it has already done.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from typing import Sequence
+
+IGNORE_INDEX = -100
+
+
+@dataclass(frozen=True)
+class Step:
+    """One optimizer step: its micro-batches (lists of sample indices) and its totals."""
+
+    micro_batches: list[list[int]]
+    num_samples: int
+    num_tokens: int
+
+
+def check_sample_lengths(lengths: Sequence[int], max_tokens_per_gpu: int, what: str = "training") -> None:
+    """Raise a ValueError (before any training) if a single sample cannot fit one micro-batch."""
+    too_long = [(i, n) for i, n in enumerate(lengths) if n > max_tokens_per_gpu]
+    if too_long:
+        index, length = max(too_long, key=lambda item: item[1])
+        raise ValueError(
+            f"{len(too_long)} {what} sample(s) are longer than max_tokens_per_gpu={max_tokens_per_gpu} "
+            f"(longest: sample {index} with {length} tokens); a sample cannot be split across micro-batches. "
+            f"Raise max_tokens_per_gpu to at least {length}, or lower max_seq_len.")
+
+
+def pack_into_micro_batches(indices: Sequence[int], lengths: Sequence[int], max_tokens: int) -> list[list[int]]:
+    """Split one step's samples into as few micro-batches of <= max_tokens tokens as first-fit-decreasing finds.
+
+    Each micro-batch keeps its samples in the order they were drawn, so the plan stays easy to read.
+    """
+    order = sorted(range(len(indices)), key=lambda k: -lengths[indices[k]])
+    bins: list[list[int]] = []
+    room: list[int] = []
+    for k in order:
+        n = lengths[indices[k]]
+        for b, free in enumerate(room):
+            if n <= free:
+                bins[b].append(k)
+                room[b] -= n
+                break
+        else:
+            bins.append([k])
+            room.append(max_tokens - n)
+    return [[indices[k] for k in sorted(b)] for b in bins]
+
+
+def plan_epoch(lengths: Sequence[int], *, effective_batch_size: int,
+               max_tokens_per_gpu: int, seed: int, epoch: int) -> list[Step]:
+    """The optimizer steps of one epoch: a seeded shuffle, cut into steps, each cut into micro-batches.
+
+    The last step of an epoch may hold fewer than ``effective_batch_size`` samples; it is kept, not dropped.
+    """
+    check_sample_lengths(lengths, max_tokens_per_gpu)
+    order = list(range(len(lengths)))
+    random.Random(f"{seed}:{epoch}").shuffle(order)
+    steps = []
+    for start in range(0, len(order), effective_batch_size):
+        chosen = order[start:start + effective_batch_size]
+        steps.append(Step(
+            micro_batches=pack_into_micro_batches(chosen, lengths, max_tokens_per_gpu),
+            num_samples=len(chosen),
+            num_tokens=sum(lengths[i] for i in chosen),
+        ))
+    return steps
+
+
+def shift_labels(labels: Sequence[int]) -> list[int]:
+    """HF-convention labels (aligned with input_ids) -> next-token targets: position t predicts token t+1."""
+    return list(labels[1:]) + [IGNORE_INDEX]
+
+
+def pack(samples_input_ids: Sequence[Sequence[int]], samples_labels: Sequence[Sequence[int]], device=None) -> dict:
+    """Concatenate samples into one row: input_ids, position_ids restarting per sample, per-sample shifted targets.
+
+    Returns tensors of shape (1, total_tokens): ``input_ids``, ``position_ids``, ``targets`` (already shifted,
+    IGNORE_INDEX where no loss) and ``loss_mask`` (bool, targets != IGNORE_INDEX); and ``sample_bounds``, the
+    list of sample offsets in the row ([0, len0, len0 + len1, ...]) for per-sample attention.
+    """
+    import torch
+
+    input_ids: list[int] = []
+    position_ids: list[int] = []
+    targets: list[int] = []
+    bounds = [0]
+    for ids, labels in zip(samples_input_ids, samples_labels):
+        if len(ids) != len(labels):
+            raise ValueError(f"a sample has {len(ids)} input_ids but {len(labels)} labels")
+        input_ids.extend(ids)
+        position_ids.extend(range(len(ids)))
+        targets.extend(shift_labels(labels))
+        bounds.append(len(input_ids))
+    row = {
+        "input_ids": torch.tensor([input_ids], dtype=torch.long),
+        "position_ids": torch.tensor([position_ids], dtype=torch.long),
+        "targets": torch.tensor([targets], dtype=torch.long),
+    }
+    row["loss_mask"] = row["targets"] != IGNORE_INDEX
+    if device is not None:
+        row = {k: v.to(device, non_blocking=True) for k, v in row.items()}
+    row["sample_bounds"] = bounds
+    return row

@@ -1,0 +1,165 @@
+"""Checkpoint IO: Hugging Face checkpoints for users, full training state for resuming.
+
+Layout under ``ckpt_output_dir``::
+
+    hf_format/samples_<N>/   config, safetensors weights, tokenizer + chat template, generation config
+    state/step_<S>/          model.pt, optimizer.pt, scheduler.pt, rng.pt, trainer_state.json (written last)
+    metrics.jsonl
+
+Every directory is written under a temporary name (``.tmp-...``) and renamed when complete, so a directory with
+the final name is always whole; leftovers of a killed run are removed at the next start. Only the newest
+training state is kept (each is model + 2x optimizer moments; older ones are deleted once a newer one is whole).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import random
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+HF_DIR = "hf_format"
+STATE_DIR = "state"
+STATE_FILE = "trainer_state.json"
+METRICS_FILE = "metrics.jsonl"
+
+
+class ExistingRunError(ValueError):
+    """ckpt_output_dir already holds a run, and resume=True was not given."""
+
+
+@contextlib.contextmanager
+def atomic_directory(final: Path) -> Iterator[Path]:
+    """Yield a temporary sibling directory; rename it to ``final`` when the block succeeds, delete it otherwise."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=final.parent))
+    try:
+        yield tmp
+        if final.exists():  # a leftover of an interrupted run at the same point: replace it
+            shutil.rmtree(final)
+        tmp.rename(final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def remove_temporaries(root: Path) -> None:
+    """Delete half-written ``.tmp-*`` directories left by a killed run."""
+    for sub in (root / HF_DIR, root / STATE_DIR):
+        for leftover in sub.glob(".tmp-*") if sub.is_dir() else ():
+            shutil.rmtree(leftover, ignore_errors=True)
+
+
+def save_hf_checkpoint(model, tokenizer, root: Path, samples_seen: int, save_dtype: torch.dtype | None = None) -> Path:
+    """Write a checkpoint that plain ``transformers`` loads, as ``hf_format/samples_<N>``; return its path.
+
+    ``save_dtype`` is the dtype to store the weights in (the dtype of the model we started from); the trained
+    fp32 weights are cast on the way out, the model itself is not touched.
+    """
+    final = root / HF_DIR / f"samples_{samples_seen}"
+    state_dict = None
+    if save_dtype is not None:
+        state_dict = {k: (v.detach().to(save_dtype) if v.is_floating_point() else v)
+                      for k, v in model.state_dict().items()}
+    with atomic_directory(final) as tmp:
+        model.save_pretrained(tmp, state_dict=state_dict)
+        if save_dtype is not None:  # save_pretrained records the in-memory (fp32) dtype; record the stored one
+            config_file = tmp / "config.json"
+            config = json.loads(config_file.read_text())
+            config["dtype"] = str(save_dtype).removeprefix("torch.")
+            config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        tokenizer.save_pretrained(tmp)
+    return final
+
+
+def hf_checkpoints(root: Path) -> list[Path]:
+    """Complete HF checkpoints, oldest first (by samples seen)."""
+    paths = (root / HF_DIR).glob("samples_*") if (root / HF_DIR).is_dir() else ()
+    return sorted((p for p in paths if p.name.split("_")[-1].isdigit()), key=lambda p: int(p.name.split("_")[-1]))
+
+
+def prune_hf_checkpoints(root: Path, keep: int | None) -> None:
+    """Delete all but the newest ``keep`` HF checkpoints (None: keep all)."""
+    if keep:
+        for old in hf_checkpoints(root)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def _rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_training_state(root: Path, *, model, optimizer, scheduler, progress: dict) -> Path:
+    """Write ``state/step_<S>`` (model, optimizer, scheduler, RNG, progress), then drop older states."""
+    final = root / STATE_DIR / f"step_{progress['global_step']:09d}"
+    with atomic_directory(final) as tmp:
+        torch.save(model.state_dict(), tmp / "model.pt")
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+        torch.save(_rng_state(), tmp / "rng.pt")
+        (tmp / STATE_FILE).write_text(json.dumps(progress, indent=2))  # last: its presence marks a whole state
+    for old in complete_states(root)[:-1]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def complete_states(root: Path) -> list[Path]:
+    """Complete training states, oldest first."""
+    base = root / STATE_DIR
+    found = [p for p in base.glob("step_*") if (p / STATE_FILE).is_file()] if base.is_dir() else []
+    return sorted(found, key=lambda p: int(p.name.split("_")[-1]))
+
+
+def load_training_state(path: Path, *, model, optimizer, scheduler, device) -> dict:
+    """Restore model, optimizer, scheduler and RNG from ``path``; return the saved progress record."""
+    model.load_state_dict(torch.load(path / "model.pt", map_location=device, weights_only=True))
+    optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location=device, weights_only=True))
+    scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
+    _set_rng_state(torch.load(path / "rng.pt", weights_only=False))
+    return json.loads((path / STATE_FILE).read_text())
+
+
+def check_output_dir(root: Path, resume: bool) -> Path | None:
+    """Decide what an existing ``ckpt_output_dir`` means; return the state to resume from (or None).
+
+    Without ``resume=True``, a directory that already holds a run (a training state, HF checkpoints or
+    metrics.jsonl) is an error: nothing is silently resumed and nothing is silently overwritten.
+    With ``resume=True`` the newest complete state is used; if there is none, training starts from scratch.
+    """
+    remove_temporaries(root)
+    states = complete_states(root)
+    if resume:
+        if states:
+            return states[-1]
+        logger.warning("resume=True but %s holds no complete training state; starting from the beginning", root)
+        return None
+    found = []
+    if states:
+        found.append(f"training state {states[-1].relative_to(root)}")
+    if hf_checkpoints(root):
+        found.append(f"{len(hf_checkpoints(root))} checkpoint(s) in {HF_DIR}/")
+    if (root / METRICS_FILE).exists():
+        found.append(METRICS_FILE)
+    if found:
+        raise ExistingRunError(
+            f"ckpt_output_dir {root} already holds a training run ({', '.join(found)}). Pass resume=True to "
+            f"continue it from its newest saved state, or choose another ckpt_output_dir (or delete this one).")
+    return None

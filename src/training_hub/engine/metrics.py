@@ -1,0 +1,66 @@
+"""Run metrics: one JSON object per optimizer step in metrics.jsonl, a progress bar, peak memory."""
+
+from __future__ import annotations
+
+import json
+import resource
+import sys
+from pathlib import Path
+
+import torch
+
+
+class MetricsWriter:
+    """Appends one JSON line per record and flushes it, so a killed run keeps every line it logged.
+
+    On resume, records after ``keep_through_step`` (logged after the state we resume from was saved) are
+    dropped first, so the file reads as one uninterrupted run.
+    """
+
+    def __init__(self, path: Path, keep_through_step: int | None = None):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        kept = []
+        if keep_through_step is not None and self.path.exists():
+            for line in self.path.read_text().splitlines():
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError:  # a line cut by the kill
+                    continue
+                if record.get("step", 0) <= keep_through_step:
+                    kept.append(line)
+        self.path.write_text("".join(line + "\n" for line in kept))
+        self._file = open(self.path, "a", encoding="utf-8")
+
+    def write(self, record: dict) -> None:
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+
+    def close(self) -> None:
+        self._file.close()
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    """Peak memory of this process: max allocated on CUDA, resident-set high-water mark on CPU."""
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(rss if sys.platform == "darwin" else rss * 1024)  # bytes on macOS, KiB on Linux
+
+
+def progress_bar(total: int, initial: int, disable: bool):
+    """A tqdm bar on stderr over optimizer steps."""
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, disable=disable, desc="sft", unit="step", file=sys.stderr,
+                dynamic_ncols=True)
+
+
+def step_record(*, step: int, epoch: float, loss: float, lr: float, grad_norm: float, samples: int, tokens: int,
+                loss_tokens: int, seconds: float, elapsed: float) -> dict:
+    """The metrics.jsonl record of one optimizer step (samples/tokens are this step's; elapsed since start)."""
+    return {
+        "type": "train", "step": step, "epoch": round(epoch, 6), "loss": loss, "lr": lr, "grad_norm": grad_norm,
+        "samples": samples, "tokens": tokens, "loss_tokens": loss_tokens,
+        "tokens_per_second": tokens / max(seconds, 1e-9), "elapsed": round(elapsed, 4),
+    }
