@@ -6,12 +6,26 @@ training run (or a backend's availability check) needs them.
 
 from training_hub.registry import Algorithm, AlgorithmRegistry, Availability, Backend, create_algorithm
 from training_hub.result import TrainingResult
-from training_hub.algorithms import SFTAlgorithm, SFTConfig, sft
+from training_hub.algorithms import (
+    DPOAlgorithm, DPOConfig, LoRASFTAlgorithm, LoRASFTConfig, SFTAlgorithm, SFTConfig, dpo, lora_sft, sft,
+)
 from training_hub.config.declare import ParameterError
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "Algorithm", "AlgorithmRegistry", "Availability", "Backend", "ParameterError", "SFTAlgorithm", "SFTConfig",
-    "TrainingResult", "create_algorithm", "sft",
+    "Algorithm", "AlgorithmRegistry", "Availability", "Backend", "DPOAlgorithm", "DPOConfig", "LoRASFTAlgorithm",
+    "LoRASFTConfig", "ParameterError", "SFTAlgorithm", "SFTConfig", "TrainingResult", "create_algorithm", "dpo",
+    "lora_sft", "merge_adapter", "plot_loss", "sft",
 ]
+
+
+def __getattr__(name: str):
+    """Heavier helpers load on first use, keeping ``import training_hub`` cheap."""
+    if name == "merge_adapter":
+        from training_hub.lora_merge import merge_adapter
+        return merge_adapter
+    if name == "plot_loss":
+        from training_hub.plot import plot_loss
+        return plot_loss
+    raise AttributeError(f"module 'training_hub' has no attribute {name!r}")

@@ -221,6 +221,15 @@ def cmd_plot(ns: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_merge(ns: argparse.Namespace) -> int:
+    from training_hub.lora_merge import merge_adapter
+
+    out = merge_adapter(ns.adapter_dir, ns.out_dir, base_model_path=ns.base_model_path, dtype=ns.dtype,
+                        overwrite=ns.overwrite)
+    print(f"merged checkpoint written to {out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="training-hub", description="LLM post-training in one call.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -239,6 +248,12 @@ def build_parser() -> argparse.ArgumentParser:
     plot.add_argument("runs", nargs="+", help="ckpt_output_dir of each run (or its metrics.jsonl)")
     plot.add_argument("-o", "--output", default="loss.png")
     plot.add_argument("--labels", nargs="+", help="legend label for each run (default: folder names)")
+    merge = sub.add_parser("merge", help="Merge a LoRA adapter into its base model: a plain HF checkpoint.")
+    merge.add_argument("adapter_dir")
+    merge.add_argument("out_dir")
+    merge.add_argument("--base-model-path", help="base model (default: the one recorded in adapter_config.json)")
+    merge.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto")
+    merge.add_argument("--overwrite", action="store_true", help="replace out_dir if it exists")
     return parser
 
 
@@ -251,7 +266,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"error: {exc}", file=sys.stderr)
             return 2
     ns = build_parser().parse_args(argv)
-    handlers = {"list": cmd_list, "make-tiny-model": cmd_make_tiny_model, "demo": cmd_demo, "plot": cmd_plot}
+    handlers = {"list": cmd_list, "make-tiny-model": cmd_make_tiny_model, "demo": cmd_demo, "plot": cmd_plot,
+                "merge": cmd_merge}
     return handlers[ns.command](ns)
 
 

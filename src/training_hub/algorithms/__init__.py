@@ -1,9 +1,15 @@
 """Built-in algorithms. Importing this package registers them and their backends (all cheap imports)."""
 
+from training_hub.algorithms.dpo import DPOAlgorithm, DPOConfig, dpo
+from training_hub.algorithms.lora import LoRASFTAlgorithm, LoRASFTConfig, lora_sft
 from training_hub.algorithms.sft import SFTAlgorithm, SFTConfig, sft
 from training_hub.backends.native import NativeSFTBackend
+from training_hub.backends.trl import TRLDPOBackend, TRLLoRASFTBackend, TRLSFTBackend
 from training_hub.registry import AlgorithmRegistry
 
-AlgorithmRegistry._add_builtin("sft", SFTAlgorithm, {"native": NativeSFTBackend})
+AlgorithmRegistry._add_builtin("sft", SFTAlgorithm, {"native": NativeSFTBackend, "trl": TRLSFTBackend})
+AlgorithmRegistry._add_builtin("lora_sft", LoRASFTAlgorithm, {"trl": TRLLoRASFTBackend})
+AlgorithmRegistry._add_builtin("dpo", DPOAlgorithm, {"trl": TRLDPOBackend})
 
-__all__ = ["SFTAlgorithm", "SFTConfig", "sft"]
+__all__ = ["DPOAlgorithm", "DPOConfig", "LoRASFTAlgorithm", "LoRASFTConfig", "SFTAlgorithm", "SFTConfig",
+           "dpo", "lora_sft", "sft"]

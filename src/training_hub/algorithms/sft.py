@@ -5,11 +5,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from training_hub.algorithms.base import DeclaredAlgorithm, convenience_function
-from training_hub.config.groups import ENGINE_GROUPS
+from training_hub.config.groups import SFT_GROUPS, config_bases
 
 
 @dataclass(kw_only=True)
-class SFTConfig(*reversed(ENGINE_GROUPS)):
+class SFTConfig(*config_bases(*SFT_GROUPS)):
     """Every parameter of ``sft()``; the engine groups are shared with the other algorithms."""
 
 

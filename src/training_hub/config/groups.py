@@ -14,19 +14,13 @@ from training_hub.config.declare import DeclaredConfig, param
 
 
 @dataclass(kw_only=True)
-class ModelDataParams(DeclaredConfig):
-    group_title = "Model and data"
+class ModelIOParams(DeclaredConfig):
+    group_title = "Model, data and output"
 
     model_path: str = param(doc="Hugging Face model directory (or hub id already in the local cache) to start from.")
     data_path: str = param(doc="Training data: a .jsonl/.json/.parquet file, a directory of them, or a saved `datasets` dataset.")
     ckpt_output_dir: str = param(doc="Directory for checkpoints, metrics.jsonl and training state.")
     data_output_dir: Optional[str] = param(None, "Cache directory for processed data (default: <ckpt_output_dir>/data_cache).")
-    max_seq_len: int = param(2048, "Longest sample, in tokens; longer samples are dropped (or truncated, see truncate_long_samples).", gt=0)
-    truncate_long_samples: bool = param(False, "Truncate samples longer than max_seq_len instead of dropping them.")
-    unmask_messages: bool = param(False, "Put loss on every message except the system prompt, for every sample.")
-    is_pretraining: bool = param(False, "Continual pretraining: documents are concatenated and cut into block_size blocks.")
-    block_size: Optional[int] = param(None, "Tokens per pretraining block (default: max_seq_len).", gt=0)
-    document_column_name: str = param("document", "Field that holds the text of a pretraining document.")
     validation_data_path: Optional[str] = param(None, "Held-out data in the training format; its loss is logged per epoch.")
     validation_split: float = param(0.0, "Fraction of the training data held out for validation when no validation_data_path.", ge=0.0, lt=1.0)
     eval_steps: Optional[int] = param(None, "Also compute the validation loss every N optimizer steps.", gt=0)
@@ -39,6 +33,24 @@ class ModelDataParams(DeclaredConfig):
         if self.eval_steps and not (self.validation_data_path or self.validation_split > 0):
             problems.append("eval_steps: needs validation data (validation_data_path or validation_split > 0)")
         return problems
+
+
+@dataclass(kw_only=True)
+class LengthParams(DeclaredConfig):
+    group_title = "Sequence length"
+
+    max_seq_len: int = param(2048, "Longest sample, in tokens; longer samples are dropped (or truncated, see truncate_long_samples).", gt=0)
+    truncate_long_samples: bool = param(False, "Truncate samples longer than max_seq_len instead of dropping them.")
+
+
+@dataclass(kw_only=True)
+class SFTDataParams(DeclaredConfig):
+    group_title = "SFT data"
+
+    unmask_messages: bool = param(False, "Put loss on every message except the system prompt, for every sample.")
+    is_pretraining: bool = param(False, "Continual pretraining: documents are concatenated and cut into block_size blocks.")
+    block_size: Optional[int] = param(None, "Tokens per pretraining block (default: max_seq_len).", gt=0)
+    document_column_name: str = param("document", "Field that holds the text of a pretraining document.")
 
 
 @dataclass(kw_only=True)
@@ -140,9 +152,17 @@ class DistributedParams(DeclaredConfig):
         return problems
 
 
-ENGINE_GROUPS: tuple[type, ...] = (
-    ModelDataParams, OptimizerParams, ScheduleParams, BatchParams, RuntimeParams,
+# Groups every training algorithm of our engine takes, in signature order; SFT-style algorithms add
+# SFT_DATA_GROUPS (chat/pretraining data handling), preference algorithms their own.
+TRAINING_GROUPS: tuple[type, ...] = (
+    ModelIOParams, LengthParams, OptimizerParams, ScheduleParams, BatchParams, RuntimeParams,
     CheckpointParams, LoggingParams, DistributedParams,
 )
+SFT_GROUPS: tuple[type, ...] = (ModelIOParams, LengthParams, SFTDataParams, *TRAINING_GROUPS[2:])
+
+
+def config_bases(*groups: type) -> tuple[type, ...]:
+    """Bases for a config dataclass so that its fields come out in the order of ``groups``."""
+    return tuple(reversed(groups))
 
 

@@ -1,0 +1,631 @@
+"""The ``trl`` backends: TRL's trainers (and PEFT through them) behind our parameter declarations.
+
+* ``TRLSFTBackend``      ``sft``       TRL ``SFTTrainer``, loss on assistant tokens only (``assistant_only_loss``)
+* ``TRLDPOBackend``      ``dpo``       TRL ``DPOTrainer`` against a frozen copy of the starting model
+* ``TRLLoRASFTBackend``  ``lora_sft``  TRL ``SFTTrainer`` with a PEFT ``LoraConfig`` (QLoRA where CUDA and
+                                       bitsandbytes exist); optional merge via :mod:`training_hub.lora_merge`
+
+Each turns the plain parameter dict into its typed config at the top, reports what TRL cannot do here as one
+``ValueError`` before any model or data is loaded, and imports torch/transformers/trl inside ``execute_training``.
+
+How our parameters map onto TRL / ``transformers.TrainingArguments``:
+
+* ``effective_batch_size`` = ``per_device_train_batch_size`` x ``gradient_accumulation_steps`` x processes; the
+  micro-batch is the largest divisor of the per-process batch whose padded rows fit ``max_tokens_per_gpu``
+  (a DPO pair is two rows of up to ``max_length`` tokens).
+* Length policy is ours, applied to TRL's tokenized dataset: samples longer than ``max_seq_len`` (DPO:
+  ``max_length``) are dropped, or truncated with ``truncate_long_samples=True``; DPO prompts are cut to their last
+  ``max_prompt_length`` tokens first.
+* Schedules are ``transformers``' (warmup counts from 0, not from 1/warmup_steps as in the native engine);
+  ``lr_scheduler_kwargs={'min_lr_ratio': r}`` is supported for cosine.
+* Layout of ``ckpt_output_dir``: ``metrics.jsonl`` (one line per optimizer step, written by a TrainerCallback),
+  ``trl_state/checkpoint-<step>`` (TRL's intermediate checkpoints, for ``resume``), ``hf_format/samples_<N>`` (the
+  final model; for LoRA the adapter in PEFT format), ``merged/`` (LoRA with ``merge=True``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any, ClassVar, Dict
+
+from training_hub.config.declare import validate_params
+from training_hub.registry import Availability, Backend
+
+logger = logging.getLogger("training_hub")
+
+METRICS_FILE = "metrics.jsonl"
+STATE_DIR = "trl_state"
+HF_DIR = "hf_format"
+MERGED_DIR = "merged"
+
+# TRL's log keys -> our metrics.jsonl keys (the native engine's names where it has them).
+_LOG_KEYS = {
+    "loss": "loss", "learning_rate": "lr", "grad_norm": "grad_norm", "epoch": "epoch",
+    "rewards/margins": "reward_margin", "rewards/accuracies": "reward_accuracy",
+    "rewards/chosen": "reward_chosen", "rewards/rejected": "reward_rejected",
+    "logps/chosen": "logps_chosen", "logps/rejected": "logps_rejected",
+    "mean_token_accuracy": "token_accuracy", "num_tokens": "tokens_seen", "entropy": "entropy",
+}
+
+
+def _missing(*modules: str) -> list[str]:
+    return [m for m in modules if importlib.util.find_spec(m) is None]
+
+
+# ------------------------------------------------------------------------------------------------ checks
+
+
+def _unsupported(config, algorithm: str) -> list[str]:
+    """What TRL cannot do with this config here: each a line of the one ValueError raised before any work."""
+    problems = []
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    wanted = config.nproc_per_node if isinstance(config.nproc_per_node, int) else 1
+    if world == 1 and (wanted > 1 or config.nnodes > 1):
+        problems.append("nproc_per_node/nnodes: the trl backend runs in the calling process; for several "
+                        "processes launch your script with torchrun (or use backend='native')")
+    if config.strategy != "ddp":
+        problems.append(f"strategy: {config.strategy!r} is not wired into the trl backend (use backend='native')")
+    if config.save_samples and config.checkpoint_at_epoch:
+        problems.append("save_samples/checkpoint_at_epoch: the trl backend saves either every N samples or at "
+                        "every epoch, not both")
+    if config.save_samples and config.save_samples % config.effective_batch_size:
+        problems.append(f"save_samples: must be a multiple of effective_batch_size ({config.effective_batch_size}) "
+                        "for the trl backend, which saves on optimizer steps")
+    kwargs = dict(config.lr_scheduler_kwargs or {})
+    ratio = kwargs.pop("min_lr_ratio", None)
+    if kwargs:
+        problems.append(f"lr_scheduler_kwargs: unknown option(s) {', '.join(sorted(kwargs))}; "
+                        "the trl backend knows only 'min_lr_ratio'")
+    if ratio is not None and config.lr_scheduler != "cosine":
+        problems.append("lr_scheduler_kwargs: min_lr_ratio works only with lr_scheduler='cosine' in the trl backend")
+    if ratio is not None and not (isinstance(ratio, (int, float)) and 0.0 <= ratio <= 1.0):
+        problems.append(f"lr_scheduler_kwargs: min_lr_ratio must be within [0, 1], got {ratio!r}")
+    if algorithm != "dpo":
+        if config.is_pretraining:
+            problems.append("is_pretraining: the trl backend trains on chat data only (use backend='native')")
+        if config.unmask_messages:
+            problems.append("unmask_messages: the trl backend puts loss on assistant tokens only "
+                            "(use backend='native')")
+    if getattr(config, "load_in_4bit", False):
+        from training_hub.algorithms.lora import qlora_problems
+
+        problems.extend(qlora_problems())
+    for name, module in (("wandb_project", "wandb"), ("tensorboard_log_dir", "tensorboard"),
+                         ("mlflow_tracking_uri", "mlflow")):
+        if getattr(config, name) and _missing(module):
+            problems.append(f"{name}: needs the '{module}' package, which is not installed")
+    return problems
+
+
+def _raise_if(problems: list[str], what: str) -> None:
+    if problems:
+        lines = "\n".join(f"  - {p}" for p in problems)
+        raise ValueError(f"{len(problems)} problem(s) running {what}:\n{lines}")
+
+
+def _check_output_dir(root: Path, resume: bool) -> str | None:
+    """Refuse to overwrite a finished or running run unless resuming; return TRL's checkpoint to resume from."""
+    state = root / STATE_DIR
+    checkpoints = sorted(state.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1])) \
+        if state.is_dir() else []
+    if resume:
+        if checkpoints:
+            return str(checkpoints[-1])
+        logger.warning("resume=True but %s holds no TRL checkpoint; starting from the beginning", root)
+        return None
+    found = [str(p.relative_to(root)) for p in (root / METRICS_FILE, root / HF_DIR, state) if p.exists()]
+    if found:
+        from training_hub.engine.checkpoint import ExistingRunError  # the native engine's error, same meaning
+
+        raise ExistingRunError(f"ckpt_output_dir {root} already holds a training run ({', '.join(found)}). Pass "
+                         "resume=True to continue it, or choose another ckpt_output_dir (or delete this one).")
+    return None
+
+
+# ------------------------------------------------------------------------------------------------ arguments
+
+
+def _micro_batch(per_process: int, row_tokens: int, budget: int) -> int:
+    """The largest divisor of ``per_process`` whose padded rows fit ``budget`` tokens (at least 1)."""
+    fits = max(1, budget // max(1, row_tokens))
+    return max(d for d in range(1, per_process + 1) if per_process % d == 0 and d <= fits)
+
+
+def training_arguments(config, args_class: type, *, root: Path, row_tokens: int, rows_per_sample: int = 1,
+                       **extra: Any):
+    """``args_class`` (TRL's SFTConfig/DPOConfig) filled from our declared parameters."""
+    import torch
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if config.effective_batch_size % world:
+        raise ValueError(f"effective_batch_size: {config.effective_batch_size} is not divisible by the "
+                         f"{world} processes")
+    per_process = config.effective_batch_size // world
+    budget = config.max_tokens_per_gpu or config.max_seq_len
+    micro = _micro_batch(per_process, row_tokens * rows_per_sample, budget)
+    cuda = torch.cuda.is_available()
+    bf16 = config.dtype == "bfloat16" or (config.dtype == "auto" and cuda)
+    scheduler, scheduler_kwargs = {"constant": "constant_with_warmup", "linear": "linear",
+                                   "cosine": "cosine"}[config.lr_scheduler], {}
+    ratio = (config.lr_scheduler_kwargs or {}).get("min_lr_ratio")
+    if ratio is not None:
+        scheduler, scheduler_kwargs = "cosine_with_min_lr", {"min_lr_rate": float(ratio)}
+    if config.save_samples:
+        save = {"save_strategy": "steps", "save_steps": config.save_samples // config.effective_batch_size}
+    elif config.checkpoint_at_epoch:
+        save = {"save_strategy": "epoch"}
+    else:
+        save = {"save_strategy": "no"}
+    # transformers 5.2x renamed gradient_checkpointing to activation_checkpointing (the old name warns).
+    fields = {f.name for f in dataclasses.fields(args_class)}
+    checkpointing = "activation_checkpointing" if "activation_checkpointing" in fields else "gradient_checkpointing"
+    extra[checkpointing] = config.gradient_checkpointing
+    if config.use_liger and not cuda:
+        logger.warning("use_liger: Liger kernels need CUDA; ignored on this machine")
+    return args_class(
+        output_dir=str(root / STATE_DIR),
+        per_device_train_batch_size=micro,
+        per_device_eval_batch_size=micro,
+        gradient_accumulation_steps=per_process // micro,
+        learning_rate=config.learning_rate,
+        adam_beta1=config.beta1,
+        adam_beta2=config.beta2,
+        adam_epsilon=config.eps,
+        weight_decay=config.weight_decay,
+        max_grad_norm=config.max_grad_norm or 0.0,
+        num_train_epochs=config.num_epochs,
+        max_steps=config.max_steps or -1,
+        lr_scheduler_type=scheduler,
+        lr_scheduler_kwargs=scheduler_kwargs,
+        warmup_steps=config.warmup_steps,
+        seed=config.seed,
+        data_seed=config.seed,
+        bf16=bf16,
+        fp16=False,
+        use_cpu=not cuda,
+        use_liger_kernel=config.use_liger and cuda,
+        logging_steps=1,  # metrics.jsonl gets every optimizer step
+        disable_tqdm=config.disable_progress_bar,
+        save_total_limit=config.keep_last_n_checkpoints,
+        report_to=_report_to(config),
+        run_name=config.wandb_run_name or config.mlflow_run_name,
+        trust_remote_code=config.trust_remote_code,
+        dataloader_num_workers=0,
+        **save,
+        **extra,
+    )
+
+
+def _report_to(config) -> list[str]:
+    """The experiment trackers asked for; their settings travel as the environment variables they read."""
+    report = []
+    if config.wandb_project:
+        report.append("wandb")
+        os.environ["WANDB_PROJECT"] = config.wandb_project
+        if config.wandb_entity:
+            os.environ["WANDB_ENTITY"] = config.wandb_entity
+    if config.tensorboard_log_dir:
+        report.append("tensorboard")
+        os.environ["TENSORBOARD_LOGGING_DIR"] = config.tensorboard_log_dir
+    if config.mlflow_tracking_uri or config.mlflow_experiment_name:
+        report.append("mlflow")
+        if config.mlflow_tracking_uri:
+            os.environ["MLFLOW_TRACKING_URI"] = config.mlflow_tracking_uri
+        if config.mlflow_experiment_name:
+            os.environ["MLFLOW_EXPERIMENT_NAME"] = config.mlflow_experiment_name
+    return report
+
+
+def _eval_arguments(config, has_validation: bool) -> dict:
+    if not has_validation:
+        return {"eval_strategy": "no"}
+    if config.eval_steps:
+        return {"eval_strategy": "steps", "eval_steps": config.eval_steps}
+    return {"eval_strategy": "epoch"}
+
+
+# ------------------------------------------------------------------------------------------------ data
+
+
+def _split(records: list, config) -> tuple[list, list | None]:
+    """Training records and validation records (from validation_data_path or validation_split)."""
+    import random
+
+    if config.validation_split > 0:
+        order = list(range(len(records)))
+        random.Random(config.seed).shuffle(order)
+        n_val = max(1, round(len(records) * config.validation_split))
+        if n_val >= len(records):
+            raise ValueError(f"validation_split: {config.validation_split} leaves no training sample "
+                             f"out of {len(records)}")
+        held = set(order[:n_val])
+        return [r for i, r in enumerate(records) if i not in held], [records[i] for i in sorted(held)]
+    return records, None
+
+
+def _length_policy(dataset, *, max_len: int, truncate: bool, length_fn, truncate_fn, what: str):
+    """Drop (or truncate) tokenized samples longer than ``max_len``; log how many."""
+    too_long = sum(1 for ex in dataset if length_fn(ex) > max_len)
+    if not too_long:
+        return dataset, 0
+    if truncate:
+        logger.warning("%s: truncating %d sample(s) longer than %d tokens", what, too_long, max_len)
+        return dataset.map(truncate_fn), too_long
+    logger.warning("%s: dropping %d sample(s) longer than %d tokens (truncate_long_samples=True keeps them, "
+                   "truncated)", what, too_long, max_len)
+    kept = dataset.filter(lambda ex: length_fn(ex) <= max_len)
+    if len(kept) == 0:
+        raise ValueError(f"{what}: every sample is longer than {max_len} tokens; raise the limit or pass "
+                         "truncate_long_samples=True")
+    return kept, too_long
+
+
+def _sft_length_policy(trainer, config) -> int:
+    """Apply our length policy to SFTTrainer's tokenized dataset (it holds input_ids and labels)."""
+    max_len = config.max_seq_len
+
+    def truncate(ex):
+        n = len(ex["input_ids"])
+        return {k: v[:max_len] for k, v in ex.items() if isinstance(v, list) and len(v) == n}
+
+    def policy(dataset, what):
+        return _length_policy(dataset, max_len=max_len, truncate=config.truncate_long_samples,
+                              length_fn=lambda ex: len(ex["input_ids"]), truncate_fn=truncate, what=what)
+
+    trainer.train_dataset, dropped = policy(trainer.train_dataset, "sft (trl)")
+    if trainer.eval_dataset is not None:
+        trainer.eval_dataset, _ = policy(trainer.eval_dataset, "sft (trl) validation")
+    return dropped
+
+
+def _dpo_length_policy(dataset, config, what: str):
+    """Keep the last ``max_prompt_length`` prompt tokens, then drop/truncate pairs longer than max_length."""
+    if config.max_prompt_length is not None:
+        keep = config.max_prompt_length
+        dataset = dataset.map(lambda ex: {"prompt_ids": ex["prompt_ids"][-keep:]})
+    max_len = config.effective_max_length
+
+    def length(ex):
+        return len(ex["prompt_ids"]) + max(len(ex["chosen_ids"]), len(ex["rejected_ids"]))
+
+    def truncate(ex):
+        room = max_len - len(ex["prompt_ids"])
+        return {"chosen_ids": ex["chosen_ids"][:room], "rejected_ids": ex["rejected_ids"][:room]}
+
+    return _length_policy(dataset, max_len=max_len, truncate=config.truncate_long_samples, length_fn=length,
+                          truncate_fn=truncate, what=what)
+
+
+# ------------------------------------------------------------------------------------------------ running
+
+
+def _metrics_callback(path: Path, keep_through_step: int | None):
+    """A TrainerCallback that appends one JSON line per optimizer step to ``path`` (TRL logs every step)."""
+    from transformers import TrainerCallback
+
+    class MetricsJSONL(TrainerCallback):
+        def __init__(self):
+            kept = []
+            if keep_through_step is not None and path.exists():  # resume: keep the lines up to the saved state
+                kept = [line for line in path.read_text().splitlines()
+                        if line.strip() and json.loads(line).get("step", 0) <= keep_through_step]
+            path.write_text("".join(line + "\n" for line in kept))
+            self.start = time.perf_counter()
+            self.last: dict = {}
+            self.last_validation: dict = {}
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if not state.is_world_process_zero or not logs:
+                return
+            kind = "validation" if any(k.startswith("eval_") for k in logs) else "train"
+            if kind == "train" and "loss" not in logs:  # the end-of-training summary (train_runtime, ...)
+                return
+            record = {"type": kind, "step": state.global_step}
+            for key, value in logs.items():
+                name = key[len("eval_"):] if kind == "validation" and key.startswith("eval_") else key
+                record[_LOG_KEYS.get(name, name.replace("/", "_"))] = value
+            record["elapsed"] = round(time.perf_counter() - self.start, 4)
+            with open(path, "a", encoding="utf-8") as f:
+                f.write(json.dumps(record) + "\n")
+            if kind == "train":
+                self.last = record
+            else:
+                self.last_validation = record
+
+    return MetricsJSONL()
+
+
+def _resume_step(checkpoint: str | None) -> int | None:
+    return int(checkpoint.rsplit("-", 1)[-1]) if checkpoint else None
+
+
+def _load_tokenizer(config):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(config.model_path, trust_remote_code=config.trust_remote_code)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def _load_model(config, quantization_config=None):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    kwargs: Dict[str, Any] = {"dtype": torch.float32, "trust_remote_code": config.trust_remote_code}
+    if quantization_config is not None:
+        kwargs.update(dtype=torch.bfloat16, quantization_config=quantization_config, device_map={"": 0})
+    return AutoModelForCausalLM.from_pretrained(config.model_path, **kwargs)
+
+
+def _original_dtype(config):
+    """The dtype the starting checkpoint's weights are stored in (float32 when it does not say)."""
+    import torch
+    from transformers import AutoConfig
+
+    saved = getattr(AutoConfig.from_pretrained(config.model_path, trust_remote_code=config.trust_remote_code),
+                    "dtype", None)
+    if isinstance(saved, str):
+        saved = getattr(torch, saved, None)
+    return saved if isinstance(saved, torch.dtype) and saved.is_floating_point else torch.float32
+
+
+def _train_and_save(trainer, config, root: Path, resume_from: str | None, callback, *, cast_back: bool = True):
+    """Run ``trainer``, save the final model as ``hf_format/samples_<N>`` (atomically), return (path, metrics)."""
+    from training_hub.engine.checkpoint import atomic_directory
+
+    start = time.perf_counter()
+    output = trainer.train(resume_from_checkpoint=resume_from)
+    seconds = time.perf_counter() - start
+    state = trainer.state
+    samples = min(state.global_step * config.effective_batch_size, len(trainer.train_dataset) * config.num_epochs)
+    path = None
+    if config.save_final_checkpoint and trainer.is_world_process_zero():
+        path = root / HF_DIR / f"samples_{samples}"
+        if cast_back:  # trained in fp32: store the weights in the dtype the starting checkpoint had
+            trainer.model.to(_original_dtype(config))
+        with atomic_directory(path) as tmp:
+            trainer.save_model(str(tmp))
+            trainer.processing_class.save_pretrained(str(tmp))
+    last = callback.last
+    metrics = {
+        "final_loss": last.get("loss"),
+        "validation_loss": callback.last_validation.get("loss"),
+        "steps": state.global_step,
+        "samples": samples,
+        "train_loss_mean": output.training_loss,
+        "elapsed_seconds": round(seconds, 4),
+        "metrics_path": str(root / METRICS_FILE),
+        "engine": "trl",
+    }
+    return path, metrics, last
+
+
+class _TRLBackend(Backend):
+    """Shared parts: availability, typed config at the top, the backend's own checks before any work."""
+
+    algorithm: ClassVar[str]
+    needs: ClassVar[tuple[str, ...]] = ("torch", "transformers", "datasets", "trl", "accelerate")
+    install_hint: ClassVar[str] = "pip install training-hub[trl]"
+
+    @classmethod
+    def is_available(cls) -> Availability:
+        missing = _missing(*cls.needs)
+        if missing:
+            return Availability(False, f"needs {', '.join(missing)} ({cls.install_hint})")
+        return Availability(True)
+
+    @classmethod
+    def config_class(cls) -> type:
+        raise NotImplementedError
+
+    def typed_config(self, algorithm_params: Dict[str, Any]):
+        config = validate_params(self.config_class(), algorithm_params, what=f"the trl {self.algorithm} backend")
+        _raise_if(_unsupported(config, self.algorithm), f"{self.algorithm} with the trl backend")
+        return config
+
+
+# ------------------------------------------------------------------------------------------------ SFT / LoRA
+
+
+class TRLSFTBackend(_TRLBackend):
+    """SFT with TRL's ``SFTTrainer``: chat data, loss on the assistant tokens (``assistant_only_loss=True``)."""
+
+    algorithm = "sft"
+    saves_adapter: ClassVar[bool] = False  # LoRA saves the adapter (left in its training dtype)
+
+    @classmethod
+    def config_class(cls) -> type:
+        from training_hub.algorithms.sft import SFTConfig
+
+        return SFTConfig
+
+    def execute_training(self, algorithm_params: Dict[str, Any]) -> Any:
+        config = self.typed_config(algorithm_params)
+        return self._run_sft(config)
+
+    def peft_config(self, config, model):
+        return None
+
+    def _run_sft(self, config):
+        from training_hub.data.validate import read_records
+
+        records = read_records(config.data_path, kind="chat")  # DataValidationError before any model loads
+        if any(item["unmask"] for item in records.items):
+            first = next(i for i, item in enumerate(records.items) if item["unmask"])
+            raise ValueError(f"{records.where(first)}: unmask: true is not supported by the trl backend, which "
+                             "puts loss on assistant tokens only (use backend='native')")
+        train, validation = _split([{"messages": r["messages"]} for r in records.items], config)
+        if config.validation_data_path:
+            validation = [{"messages": r["messages"]} for r in read_records(config.validation_data_path).items]
+        root = Path(config.ckpt_output_dir)
+        resume_from = _check_output_dir(root, config.resume)
+        root.mkdir(parents=True, exist_ok=True)
+
+        from datasets import Dataset
+        from trl import SFTConfig as TRLSFTConfig
+        from trl import SFTTrainer
+
+        tokenizer = _load_tokenizer(config)
+        quantization = _bnb_config() if getattr(config, "load_in_4bit", False) else None
+        model = _load_model(config, quantization)
+        args = training_arguments(
+            config, TRLSFTConfig, root=root, row_tokens=config.max_seq_len,
+            assistant_only_loss=True, max_length=None, packing=False, dataset_num_proc=None,
+            **_eval_arguments(config, validation is not None))
+        callback = _metrics_callback(root / METRICS_FILE, _resume_step(resume_from))
+        trainer = SFTTrainer(
+            model=model, args=args, processing_class=tokenizer,
+            train_dataset=Dataset.from_list(train),
+            eval_dataset=Dataset.from_list(validation) if validation else None,
+            peft_config=self.peft_config(config, model), callbacks=[callback])
+        dropped = _sft_length_policy(trainer, config)
+        path, metrics, _ = _train_and_save(trainer, config, root, resume_from, callback,
+                                           cast_back=not self.saves_adapter)
+        metrics["dropped_or_truncated_samples"] = dropped
+        return self._result(config, trainer, path, metrics, root)
+
+    def _result(self, config, trainer, path, metrics, root):
+        from training_hub.result import TrainingResult
+
+        return TrainingResult(status="success", checkpoint_path=str(path) if path else None, metrics=metrics,
+                              output_dir=str(root))
+
+
+def _bnb_config():
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=torch.bfloat16)
+
+
+class TRLLoRASFTBackend(TRLSFTBackend):
+    """LoRA SFT with TRL's ``SFTTrainer`` and a PEFT ``LoraConfig``; the result is the adapter in PEFT format.
+
+    ``checkpoint_path`` is the adapter directory; with ``merge=True`` the merged checkpoint is in
+    ``result["merged_path"]`` (also ``result.metrics["merged_path"]``).
+    """
+
+    algorithm = "lora_sft"
+    saves_adapter = True
+    needs = _TRLBackend.needs + ("peft",)
+    install_hint = "pip install training-hub[trl,peft]"
+
+    @classmethod
+    def config_class(cls) -> type:
+        from training_hub.algorithms.lora import LoRASFTConfig
+
+        return LoRASFTConfig
+
+    def peft_config(self, config, model):
+        from peft import LoraConfig
+
+        if config.load_in_4bit:
+            from peft import prepare_model_for_kbit_training
+
+            prepare_model_for_kbit_training(model, use_gradient_checkpointing=config.gradient_checkpointing)
+        return LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
+                          target_modules=_target_modules(config.target_modules), use_dora=config.use_dora,
+                          bias="none", task_type="CAUSAL_LM")
+
+    def _result(self, config, trainer, path, metrics, root):
+        result = super()._result(config, trainer, path, metrics, root)
+        if config.merge and path is not None:
+            from training_hub.lora_merge import merge_adapter
+
+            merged = merge_adapter(path, root / MERGED_DIR)
+            result.metrics["merged_path"] = str(merged)
+            result.extra["merged_path"] = str(merged)
+        return result
+
+
+def _target_modules(names):
+    if names is None:
+        return None  # PEFT's default for the architecture
+    return names[0] if names == ["all-linear"] else list(names)
+
+
+# ------------------------------------------------------------------------------------------------ DPO
+
+
+class TRLDPOBackend(_TRLBackend):
+    """DPO with TRL's ``DPOTrainer``; data from :func:`training_hub.data.load_preference_data`.
+
+    The reference model is a frozen copy of the starting model. Per step, metrics.jsonl records the loss, the
+    learning rate and TRL's reward statistics (``reward_margin``, ``reward_accuracy``, ``reward_chosen``,
+    ``reward_rejected``) for that step's pairs.
+    """
+
+    algorithm = "dpo"
+
+    @classmethod
+    def config_class(cls) -> type:
+        from training_hub.algorithms.dpo import DPOConfig
+
+        return DPOConfig
+
+    def execute_training(self, algorithm_params: Dict[str, Any]) -> Any:
+        config = self.typed_config(algorithm_params)
+        from training_hub.data.validate import load_preference_data
+
+        pairs = load_preference_data(config.data_path)  # DataValidationError before any model loads
+        train, validation = _split(pairs, config)
+        if config.validation_data_path:
+            validation = load_preference_data(config.validation_data_path)
+        root = Path(config.ckpt_output_dir)
+        resume_from = _check_output_dir(root, config.resume)
+        root.mkdir(parents=True, exist_ok=True)
+
+        from trl import DPOConfig as TRLDPOConfig
+        from trl import DPOTrainer
+
+        from training_hub.result import TrainingResult
+
+        tokenizer = _load_tokenizer(config)
+        model = _load_model(config)
+        args = training_arguments(
+            config, TRLDPOConfig, root=root, row_tokens=config.effective_max_length, rows_per_sample=2,
+            beta=config.beta, loss_type=[config.loss_type], max_length=None, precompute_ref_log_probs=False,
+            **_eval_arguments(config, validation is not None))
+        callback = _metrics_callback(root / METRICS_FILE, _resume_step(resume_from))
+        trainer = DPOTrainer(model=model, args=args, processing_class=tokenizer,
+                             train_dataset=preference_dataset(train),
+                             eval_dataset=preference_dataset(validation) if validation else None,
+                             callbacks=[callback])
+        trainer.train_dataset, dropped = _dpo_length_policy(trainer.train_dataset, config, "dpo (trl)")
+        if trainer.eval_dataset is not None:
+            trainer.eval_dataset, _ = _dpo_length_policy(trainer.eval_dataset, config, "dpo (trl) validation")
+        path, metrics, last = _train_and_save(trainer, config, root, resume_from, callback)
+        metrics.update(dropped_or_truncated_samples=dropped, final_reward_margin=last.get("reward_margin"),
+                       final_reward_accuracy=last.get("reward_accuracy"))
+        return TrainingResult(status="success", checkpoint_path=str(path) if path else None, metrics=metrics,
+                              output_dir=str(root))
+
+
+def preference_dataset(pairs: list[dict]):
+    """A ``datasets.Dataset`` in TRL's preference format from our validated pairs.
+
+    Our pairs hold strings or message lists per field; TRL wants all three fields of one kind. A string prompt with
+    message completions becomes a user message; string completions of a conversational prompt become assistant
+    messages.
+    """
+    from datasets import Dataset
+
+    rows = []
+    for pair in pairs:
+        conversational = any(isinstance(pair[k], list) for k in ("prompt", "chosen", "rejected"))
+        if not conversational:
+            rows.append(dict(pair))
+            continue
+        prompt = pair["prompt"] if isinstance(pair["prompt"], list) else [{"role": "user", "content": pair["prompt"]}]
+        rows.append({"prompt": prompt, **{k: pair[k] if isinstance(pair[k], list)
+                                          else [{"role": "assistant", "content": pair[k]}]
+                                          for k in ("chosen", "rejected")}})
+    return Dataset.from_list(rows)
