@@ -33,7 +33,7 @@ def run_arm(args) -> dict:
     import torch
     import transformers
 
-    from training_hub.osft import apply_osft, project_gradients, project_parameters
+    from training_hub.osft_core import apply_osft, project_gradients, project_parameters
 
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)

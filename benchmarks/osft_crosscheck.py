@@ -70,7 +70,7 @@ def main(argv=None) -> int:
     import torch
     import transformers
 
-    from training_hub.osft import (apply_osft, dense_state_dict, project_gradients, project_parameters)
+    from training_hub.osft_core import (apply_osft, dense_state_dict, project_gradients, project_parameters)
     from training_hub.tiny import make_tiny_model
 
     torch.manual_seed(0)

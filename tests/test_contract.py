@@ -13,8 +13,12 @@ ALGOS = AlgorithmRegistry.list_algorithms()
 CORE_REQUIRED = {"model_path", "data_path", "ckpt_output_dir"}
 
 
+SAMPLE_VALUES = {str: "/tmp/x", float: 0.5, int: 1, bool: True}
+
+
 def required_values(config_class) -> dict:
-    return {name: f"/tmp/{name}" for name, spec in param_specs(config_class).items() if spec.required}
+    """A valid value for every required parameter, from its declared type."""
+    return {name: SAMPLE_VALUES[spec.type] for name, spec in param_specs(config_class).items() if spec.required}
 
 
 def test_pairs_exist():

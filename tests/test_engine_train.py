@@ -226,20 +226,15 @@ CHILD = textwrap.dedent("""
             time.sleep(600)
 
     checkpoint.save_training_state, metrics.MetricsWriter.write = save_state, write
-    from training_hub import sft
-    sft(**kwargs)
+    import training_hub
+    getattr(training_hub, sys.argv[3])(**kwargs)  # sft(...), osft(...)
 """)
 
 
-@pytest.mark.slow
-def test_sigkill_then_resume_ends_with_the_same_weights(tiny_model_dir, chat_data, tmp_path):
-    kwargs = dict(model_path=str(tiny_model_dir), data_path=str(chat_data), max_seq_len=128, effective_batch_size=8,
-                  learning_rate=3e-3, lr_scheduler="cosine", warmup_steps=2, weight_decay=0.01, seed=7,
-                  num_epochs=2, save_samples=16, disable_progress_bar=True)
-    killed = tmp_path / "killed"
-    marker = tmp_path / "marker"
-    child = subprocess.Popen([sys.executable, "-c", CHILD, json.dumps({**kwargs, "ckpt_output_dir": str(killed)}),
-                              str(marker)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+def run_until_killed(algorithm: str, kwargs: dict, out: Path, marker: Path) -> None:
+    """Run ``training_hub.<algorithm>(**kwargs)`` in a child and SIGKILL it two steps after its first saved state."""
+    child = subprocess.Popen([sys.executable, "-c", CHILD, json.dumps({**kwargs, "ckpt_output_dir": str(out)}),
+                              str(marker), algorithm], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         deadline = time.time() + 240
         while not marker.exists():
@@ -250,6 +245,15 @@ def test_sigkill_then_resume_ends_with_the_same_weights(tiny_model_dir, chat_dat
     finally:
         child.kill()
         child.wait()
+
+
+@pytest.mark.slow
+def test_sigkill_then_resume_ends_with_the_same_weights(tiny_model_dir, chat_data, tmp_path):
+    kwargs = dict(model_path=str(tiny_model_dir), data_path=str(chat_data), max_seq_len=128, effective_batch_size=8,
+                  learning_rate=3e-3, lr_scheduler="cosine", warmup_steps=2, weight_decay=0.01, seed=7,
+                  num_epochs=2, save_samples=16, disable_progress_bar=True)
+    killed = tmp_path / "killed"
+    run_until_killed("sft", kwargs, killed, tmp_path / "marker")
     assert [p.name for p in (killed / "state").iterdir()] == ["step_000000002"]
     assert max(json.loads(line)["step"] for line in (killed / "metrics.jsonl").read_text().splitlines()) == 4
 

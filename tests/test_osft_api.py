@@ -10,9 +10,9 @@ import pytest
 import torch
 from torch import nn
 
-from training_hub.osft import (OSFTLinear, apply_osft, default_target_patterns, find_targets, frozen_rank,
+from training_hub.osft_core import (OSFTLinear, apply_osft, default_target_patterns, find_targets, frozen_rank,
                                osft_modules, project_gradients, project_parameters)
-from training_hub.osft.project import project_out
+from training_hub.osft_core.project import project_out
 
 
 class Block(nn.Module):

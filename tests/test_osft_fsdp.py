@@ -19,7 +19,7 @@ WORKER = textwrap.dedent('''
     from torch import nn
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
-    from training_hub.osft import apply_osft, dense_state_dict, project_gradients, project_parameters
+    from training_hub.osft_core import apply_osft, dense_state_dict, project_gradients, project_parameters
 
     def build():
         torch.manual_seed(0)

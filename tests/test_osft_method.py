@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from training_hub.osft import (apply_osft, dense_state_dict, frozen_rank, osft_modules, osft_trainable_parameters,
+from training_hub.osft_core import (apply_osft, dense_state_dict, frozen_rank, osft_modules, osft_trainable_parameters,
                                project_gradients, project_parameters)
 
 BOUND = 1e-4

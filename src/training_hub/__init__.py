@@ -7,7 +7,8 @@ training run (or a backend's availability check) needs them.
 from training_hub.registry import Algorithm, AlgorithmRegistry, Availability, Backend, create_algorithm
 from training_hub.result import TrainingResult
 from training_hub.algorithms import (
-    DPOAlgorithm, DPOConfig, LoRASFTAlgorithm, LoRASFTConfig, SFTAlgorithm, SFTConfig, dpo, lora_sft, sft,
+    DPOAlgorithm, DPOConfig, LoRASFTAlgorithm, LoRASFTConfig, OSFTAlgorithm, OSFTConfig, SFTAlgorithm, SFTConfig,
+    dpo, lora_sft, osft, sft,
 )
 from training_hub.config.declare import ParameterError
 
@@ -15,8 +16,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Algorithm", "AlgorithmRegistry", "Availability", "Backend", "DPOAlgorithm", "DPOConfig", "LoRASFTAlgorithm",
-    "LoRASFTConfig", "ParameterError", "SFTAlgorithm", "SFTConfig", "TrainingResult", "create_algorithm", "dpo",
-    "lora_sft", "merge_adapter", "plot_loss", "sft",
+    "LoRASFTConfig", "OSFTAlgorithm", "OSFTConfig", "ParameterError", "SFTAlgorithm", "SFTConfig", "TrainingResult", "create_algorithm", "dpo",
+    "lora_sft", "merge_adapter", "osft", "plot_loss", "sft",
 ]
 
 

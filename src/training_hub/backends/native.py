@@ -29,3 +29,15 @@ class NativeSFTBackend(Backend):
 
         config = validate_params(SFTConfig, algorithm_params, what="the native sft backend")
         return train_sft(config)
+
+
+class NativeOSFTBackend(NativeSFTBackend):
+    """OSFT in the same loop: SVD-split targets, projected steps, dense Hugging Face checkpoints."""
+
+    def execute_training(self, algorithm_params: Dict[str, Any]) -> Any:
+        from training_hub.algorithms.osft import OSFTConfig
+        from training_hub.engine.trainer import train_sft
+        from training_hub.osft_core.method import OSFTMethod
+
+        config = validate_params(OSFTConfig, algorithm_params, what="the native osft backend")
+        return train_sft(config, method=OSFTMethod.from_config(config))

@@ -58,17 +58,18 @@ def remove_temporaries(root: Path) -> None:
             shutil.rmtree(leftover, ignore_errors=True)
 
 
-def save_hf_checkpoint(model, tokenizer, root: Path, samples_seen: int, save_dtype: torch.dtype | None = None) -> Path:
+def save_hf_checkpoint(model, tokenizer, root: Path, samples_seen: int, save_dtype: torch.dtype | None = None,
+                       state_dict: dict | None = None) -> Path:
     """Write a checkpoint that plain ``transformers`` loads, as ``hf_format/samples_<N>``; return its path.
 
     ``save_dtype`` is the dtype to store the weights in (the dtype of the model we started from); the trained
-    fp32 weights are cast on the way out, the model itself is not touched.
+    fp32 weights are cast on the way out, the model itself is not touched. ``state_dict`` replaces the model's
+    own (e.g. OSFT's dense weights under the original names).
     """
     final = root / HF_DIR / f"samples_{samples_seen}"
-    state_dict = None
     if save_dtype is not None:
         state_dict = {k: (v.detach().to(save_dtype) if v.is_floating_point() else v)
-                      for k, v in model.state_dict().items()}
+                      for k, v in (model.state_dict() if state_dict is None else state_dict).items()}
     with atomic_directory(final) as tmp:
         model.save_pretrained(tmp, state_dict=state_dict)
         if save_dtype is not None:  # save_pretrained records the in-memory (fp32) dtype; record the stored one

@@ -26,14 +26,12 @@ from training_hub.engine import checkpoint as ckpt
 from training_hub.engine.attention import use_packed_attention
 from training_hub.engine.batching import check_sample_lengths, pack, pack_into_micro_batches, plan_epoch
 from training_hub.engine.loss import step_loss_and_backward, token_loss_sum
+from training_hub.engine.method import TrainingMethod
 from training_hub.engine.metrics import MetricsWriter, peak_memory_bytes, progress_bar, step_record
 from training_hub.engine.schedule import build_scheduler
 from training_hub.result import TrainingResult
 
 logger = logging.getLogger(__name__)
-
-# Settings that fix the data order and the step plan: a resumed run must use the same values.
-PLAN_KEYS = ("seed", "effective_batch_size", "max_tokens_per_gpu", "num_train_samples", "model_path")
 
 
 @dataclass
@@ -78,11 +76,10 @@ def device_and_autocast(dtype: str):
 
 def prepare_data(config, tokenizer, root: Path) -> Data:
     """Validate and tokenize the training data (and the validation data or split); check every sample fits."""
-    from training_hub.data import check_data, prepare_sft_data
+    from training_hub.data import prepare_sft_data
 
-    kind = "pretraining" if config.is_pretraining else "chat"
-    for path in filter(None, (config.data_path, config.validation_data_path)):
-        check_data(path, kind=kind, document_column_name=config.document_column_name)
+    # prepare_sft_data validates every record before it writes its cache (a cache hit means the same bytes
+    # were validated before), so a data error leaves ckpt_output_dir untouched.
     cache = Path(config.data_output_dir) if config.data_output_dir else root / "data_cache"
 
     def prepare(path: str, name: str):
@@ -174,7 +171,7 @@ def stop_on_sigterm():
 
 def check_resume_matches(saved: dict, current: dict) -> None:
     """A resumed run must plan the same steps as the run it continues."""
-    changed = [f"{k}: saved {saved.get(k)!r}, now {current[k]!r}" for k in PLAN_KEYS if saved.get(k) != current[k]]
+    changed = [f"{k}: saved {saved.get(k)!r}, now {v!r}" for k, v in current.items() if saved.get(k) != v]
     if changed:
         raise ValueError("resume=True: these settings differ from the run being resumed, so its data order cannot "
                          "be continued: " + "; ".join(changed) + ". Use the original values or a new ckpt_output_dir.")
@@ -182,20 +179,24 @@ def check_resume_matches(saved: dict, current: dict) -> None:
 
 # ---------------------------------------------------------------------------------------------------- train
 
-def train_sft(config) -> TrainingResult:
-    """Train ``config.model_path`` on ``config.data_path`` (an ``SFTConfig``) and return a ``TrainingResult``."""
+def train_sft(config, method: TrainingMethod | None = None) -> TrainingResult:
+    """Train ``config.model_path`` on ``config.data_path`` (an ``SFTConfig``) and return a ``TrainingResult``.
+
+    ``method`` adapts the loop for SFT-style algorithms such as OSFT (see ``engine.method``); default plain SFT.
+    """
     from transformers import AutoTokenizer
 
+    method = method or TrainingMethod()
     check_supported(config)
     root = Path(config.ckpt_output_dir)
     resume_from = ckpt.check_output_dir(root, config.resume)
-    root.mkdir(parents=True, exist_ok=True)
     device, autocast = device_and_autocast(config.dtype)
     random.seed(config.seed)
     torch.manual_seed(config.seed)
 
     tokenizer = AutoTokenizer.from_pretrained(config.model_path, trust_remote_code=config.trust_remote_code)
-    data = prepare_data(config, tokenizer, root)
+    data = prepare_data(config, tokenizer, root)  # validates all data before anything is written
+    root.mkdir(parents=True, exist_ok=True)
     lengths = data.train["length"]
     steps_per_epoch = math.ceil(len(lengths) / config.effective_batch_size)
     total_steps = steps_per_epoch * config.num_epochs
@@ -206,10 +207,12 @@ def train_sft(config) -> TrainingResult:
                     scheduler_kwargs=config.lr_scheduler_kwargs)
     plan_keys = {"seed": config.seed, "effective_batch_size": config.effective_batch_size,
                  "max_tokens_per_gpu": data.max_tokens, "num_train_samples": len(lengths),
-                 "model_path": str(config.model_path)}
+                 "model_path": str(config.model_path), **method.plan_keys()}
 
     model, save_dtype = load_model(config, device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, betas=(config.beta1, config.beta2),
+    method.prepare_model(model)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=config.learning_rate, betas=(config.beta1, config.beta2),
                                   eps=config.eps, weight_decay=config.weight_decay, fused=True)  # one kernel
     scheduler = build_scheduler(optimizer, name=config.lr_scheduler, warmup_steps=config.warmup_steps,
                                 total_steps=total_steps, scheduler_kwargs=config.lr_scheduler_kwargs)
@@ -229,7 +232,8 @@ def train_sft(config) -> TrainingResult:
     def save(hf: bool) -> None:
         """An HF checkpoint (once per sample count) and the training state that goes with it."""
         if hf and progress["last_saved_samples"] != progress["samples_seen"]:
-            ckpt.save_hf_checkpoint(model, tokenizer, root, progress["samples_seen"], save_dtype)
+            ckpt.save_hf_checkpoint(model, tokenizer, root, progress["samples_seen"], save_dtype,
+                                    state_dict=method.export_state_dict(model))
             ckpt.prune_hf_checkpoints(root, config.keep_last_n_checkpoints)
             progress["last_saved_samples"] = progress["samples_seen"]
         ckpt.save_training_state(root, model=model, optimizer=optimizer, scheduler=scheduler,
@@ -257,10 +261,12 @@ def train_sft(config) -> TrainingResult:
                     t0 = time.perf_counter()
                     rows = [collate(data.train, micro, device) for micro in step.micro_batches]
                     loss, loss_tokens = step_loss_and_backward(model, rows, autocast)
+                    method.before_step(model)
                     clip = config.max_grad_norm or float("inf")
-                    grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), clip))
+                    grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, clip))
                     lr = scheduler.get_last_lr()[0]
                     optimizer.step()
+                    method.after_step(model)
                     scheduler.step()
                     optimizer.zero_grad(set_to_none=True)
                     seconds = time.perf_counter() - t0

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from training_hub.osft.decompose import osft_modules
-from training_hub.osft.linear import compose_weight
+from training_hub.osft_core.decompose import osft_modules
+from training_hub.osft_core.linear import compose_weight
 
 __all__ = ["dense_state_dict", "FACTOR_NAMES"]
 

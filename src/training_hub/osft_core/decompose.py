@@ -6,8 +6,8 @@ import math
 import numbers
 from fractions import Fraction
 
-from training_hub.osft.linear import OSFTLinear
-from training_hub.osft.targets import default_target_patterns, find_targets
+from training_hub.osft_core.linear import OSFTLinear
+from training_hub.osft_core.targets import default_target_patterns, find_targets
 
 __all__ = ["apply_osft", "frozen_rank", "osft_modules", "osft_trainable_parameters"]
 
@@ -60,7 +60,7 @@ def apply_osft(model, *, unfreeze_rank_ratio: float, target_patterns: list[str] 
         freeze_non_targets: also freeze every parameter that is not an OSFT trainable factor (embeddings, norms,
             biases, the LM head). Default False: they train as in SFT.
         factor_dtype: dtype of the stored factors (default: each weight's dtype). The SVD itself is always fp32.
-        forward_mode: ``"auto"``, ``"dense"`` or ``"factored"`` (see ``training_hub.osft.linear``).
+        forward_mode: ``"auto"``, ``"dense"`` or ``"factored"`` (see ``training_hub.osft_core.linear``).
 
     Returns:
         ``{"unfreeze_rank_ratio", "target_patterns", "targets": [names], "frozen_rank": {name: k},

@@ -14,11 +14,11 @@ Typical use inside a training loop::
 See docs/osft.md.
 """
 
-from training_hub.osft.decompose import apply_osft, frozen_rank, osft_modules, osft_trainable_parameters
-from training_hub.osft.linear import OSFTLinear
-from training_hub.osft.project import project_gradients, project_parameters
-from training_hub.osft.reconstruct import dense_state_dict
-from training_hub.osft.targets import default_target_patterns, find_targets
+from training_hub.osft_core.decompose import apply_osft, frozen_rank, osft_modules, osft_trainable_parameters
+from training_hub.osft_core.linear import OSFTLinear
+from training_hub.osft_core.project import project_gradients, project_parameters
+from training_hub.osft_core.reconstruct import dense_state_dict
+from training_hub.osft_core.targets import default_target_patterns, find_targets
 
 __all__ = [
     "OSFTLinear", "apply_osft", "default_target_patterns", "dense_state_dict", "find_targets", "frozen_rank",

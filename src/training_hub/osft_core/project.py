@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from training_hub.osft.decompose import osft_modules
+from training_hub.osft_core.decompose import osft_modules
 
 __all__ = ["project_gradients", "project_parameters", "project_out"]
 

@@ -1,0 +1,30 @@
+"""What an SFT-style algorithm may change in our loop, as one small object the loop calls at fixed points.
+
+Plain SFT uses :class:`TrainingMethod` as is (every hook a no-op). OSFT (``training_hub.osft_core.method``) swaps the
+target layers for their SVD factors, projects each step and saves dense weights. The loop stays one loop.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class TrainingMethod:
+    """Hooks of the native loop, in the order it calls them."""
+
+    def prepare_model(self, model) -> None:
+        """After the model is loaded, before the optimizer is built (and before a training state is restored)."""
+
+    def plan_keys(self) -> dict[str, Any]:
+        """Settings a resumed run must share with the run it continues (beyond data order and batching)."""
+        return {}
+
+    def before_step(self, model) -> None:
+        """After the last backward of an optimizer step, before gradient clipping and ``optimizer.step()``."""
+
+    def after_step(self, model) -> None:
+        """Right after ``optimizer.step()``."""
+
+    def export_state_dict(self, model) -> dict | None:
+        """Weights for the Hugging Face checkpoint under the model's original names (None: its own state dict)."""
+        return None
