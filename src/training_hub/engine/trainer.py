@@ -76,10 +76,14 @@ def device_and_autocast(dtype: str):
 
 def prepare_data(config, tokenizer, root: Path) -> Data:
     """Validate and tokenize the training data (and the validation data or split); check every sample fits."""
-    from training_hub.data import prepare_sft_data
+    from training_hub.data import check_data, prepare_sft_data
 
     # prepare_sft_data validates every record before it writes its cache (a cache hit means the same bytes
-    # were validated before), so a data error leaves ckpt_output_dir untouched.
+    # were validated before), so a data error leaves ckpt_output_dir untouched; the validation file is
+    # checked up front so that its errors, too, come before the training data's cache is written.
+    if config.validation_data_path:
+        check_data(config.validation_data_path, kind="pretraining" if config.is_pretraining else "chat",
+                   document_column_name=config.document_column_name)
     cache = Path(config.data_output_dir) if config.data_output_dir else root / "data_cache"
 
     def prepare(path: str, name: str):
