@@ -24,9 +24,10 @@ IGNORE_INDEX = -100
 class Step:
     """One optimizer step: its micro-batches (lists of sample indices) and its totals."""
 
-    micro_batches: list[list[int]]
-    num_samples: int
+    micro_batches: list[list[int]]  # this rank's share of the step
+    num_samples: int  # of the whole step, across ranks
     num_tokens: int
+    max_micro_batches: int = 0  # the most micro-batches any rank has in this step (every rank runs that many)
 
 
 def check_sample_lengths(lengths: Sequence[int], max_tokens_per_gpu: int, what: str = "training") -> None:
@@ -61,11 +62,27 @@ def pack_into_micro_batches(indices: Sequence[int], lengths: Sequence[int], max_
     return [[indices[k] for k in sorted(b)] for b in bins]
 
 
+def split_across_ranks(indices: Sequence[int], lengths: Sequence[int], num_ranks: int) -> list[list[int]]:
+    """Deal one step's samples to ``num_ranks`` ranks with about equal tokens each (longest first, to the rank with
+    the fewest tokens so far); each share keeps the draw order. A rank may get no sample (a step smaller than the
+    number of ranks)."""
+    shares: list[list[int]] = [[] for _ in range(num_ranks)]
+    tokens = [0] * num_ranks
+    for k in sorted(range(len(indices)), key=lambda k: -lengths[indices[k]]):
+        rank = min(range(num_ranks), key=lambda r: tokens[r])
+        shares[rank].append(k)
+        tokens[rank] += lengths[indices[k]]
+    return [[indices[k] for k in sorted(share)] for share in shares]
+
+
 def plan_epoch(lengths: Sequence[int], *, effective_batch_size: int,
-               max_tokens_per_gpu: int, seed: int, epoch: int) -> list[Step]:
+               max_tokens_per_gpu: int, seed: int, epoch: int, num_ranks: int = 1, rank: int = 0) -> list[Step]:
     """The optimizer steps of one epoch: a seeded shuffle, cut into steps, each cut into micro-batches.
 
     The last step of an epoch may hold fewer than ``effective_batch_size`` samples; it is kept, not dropped.
+    With ``num_ranks`` > 1 the same global steps are planned (the data order does not depend on the number of
+    processes); each step's samples are split across the ranks (``split_across_ranks``) and the returned
+    micro-batches are ``rank``'s share, packed into its own token budget.
     """
     check_sample_lengths(lengths, max_tokens_per_gpu)
     order = list(range(len(lengths)))
@@ -73,10 +90,13 @@ def plan_epoch(lengths: Sequence[int], *, effective_batch_size: int,
     steps = []
     for start in range(0, len(order), effective_batch_size):
         chosen = order[start:start + effective_batch_size]
+        shares = split_across_ranks(chosen, lengths, num_ranks) if num_ranks > 1 else [chosen]
+        packed = [pack_into_micro_batches(share, lengths, max_tokens_per_gpu) for share in shares]
         steps.append(Step(
-            micro_batches=pack_into_micro_batches(chosen, lengths, max_tokens_per_gpu),
+            micro_batches=packed[rank],
             num_samples=len(chosen),
             num_tokens=sum(lengths[i] for i in chosen),
+            max_micro_batches=max(len(p) for p in packed),
         ))
     return steps
 

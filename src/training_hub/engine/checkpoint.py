@@ -59,26 +59,33 @@ def remove_temporaries(root: Path) -> None:
 
 
 def save_hf_checkpoint(model, tokenizer, root: Path, samples_seen: int, save_dtype: torch.dtype | None = None,
-                       state_dict: dict | None = None) -> Path:
+                       state_dict: dict | None = None, save_model=None) -> Path:
     """Write a checkpoint that plain ``transformers`` loads, as ``hf_format/samples_<N>``; return its path.
 
     ``save_dtype`` is the dtype to store the weights in (the dtype of the model we started from); the trained
     fp32 weights are cast on the way out, the model itself is not touched. ``state_dict`` replaces the model's
-    own (e.g. OSFT's dense weights under the original names).
+    own (e.g. OSFT's dense weights under the original names). ``save_model(model, directory, save_dtype,
+    state_dict)``, when given and it returns True, has written the model part itself (``TrainingMethod.save_model``,
+    e.g. a LoRA adapter); the tokenizer is saved either way.
     """
     final = root / HF_DIR / f"samples_{samples_seen}"
+    with atomic_directory(final) as tmp:
+        if save_model is None or not save_model(model, tmp, save_dtype, state_dict):
+            _save_full_model(model, tmp, save_dtype, state_dict)
+        tokenizer.save_pretrained(tmp)
+    return final
+
+
+def _save_full_model(model, directory: Path, save_dtype: torch.dtype | None, state_dict: dict | None) -> None:
     if save_dtype is not None:
         state_dict = {k: (v.detach().to(save_dtype) if v.is_floating_point() else v)
                       for k, v in (model.state_dict() if state_dict is None else state_dict).items()}
-    with atomic_directory(final) as tmp:
-        model.save_pretrained(tmp, state_dict=state_dict)
-        if save_dtype is not None:  # save_pretrained records the in-memory (fp32) dtype; record the stored one
-            config_file = tmp / "config.json"
-            config = json.loads(config_file.read_text())
-            config["dtype"] = str(save_dtype).removeprefix("torch.")
-            config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        tokenizer.save_pretrained(tmp)
-    return final
+    model.save_pretrained(directory, state_dict=state_dict)
+    if save_dtype is not None:  # save_pretrained records the in-memory (fp32) dtype; record the stored one
+        config_file = directory / "config.json"
+        config = json.loads(config_file.read_text())
+        config["dtype"] = str(save_dtype).removeprefix("torch.")
+        config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def hf_checkpoints(root: Path) -> list[Path]:
@@ -108,12 +115,16 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_training_state(root: Path, *, model, optimizer, scheduler, progress: dict) -> Path:
-    """Write ``state/step_<S>`` (model, optimizer, scheduler, RNG, progress), then drop older states."""
+def save_training_state(root: Path, *, model, optimizer, scheduler, progress: dict, model_state: dict | None = None,
+                        optimizer_state: dict | None = None) -> Path:
+    """Write ``state/step_<S>`` (model, optimizer, scheduler, RNG, progress), then drop older states.
+
+    ``model_state`` / ``optimizer_state`` replace the model's and optimizer's own (e.g. gathered from FSDP2 shards).
+    """
     final = root / STATE_DIR / f"step_{progress['global_step']:09d}"
     with atomic_directory(final) as tmp:
-        torch.save(model.state_dict(), tmp / "model.pt")
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        torch.save(model.state_dict() if model_state is None else model_state, tmp / "model.pt")
+        torch.save(optimizer.state_dict() if optimizer_state is None else optimizer_state, tmp / "optimizer.pt")
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
         torch.save(_rng_state(), tmp / "rng.pt")
         (tmp / STATE_FILE).write_text(json.dumps(progress, indent=2))  # last: its presence marks a whole state
@@ -130,9 +141,14 @@ def complete_states(root: Path) -> list[Path]:
 
 
 def load_training_state(path: Path, *, model, optimizer, scheduler, device) -> dict:
-    """Restore model, optimizer, scheduler and RNG from ``path``; return the saved progress record."""
-    model.load_state_dict(torch.load(path / "model.pt", map_location=device, weights_only=True))
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location=device, weights_only=True))
+    """Restore model, optimizer, scheduler and RNG from ``path``; return the saved progress record.
+
+    ``model=None, optimizer=None``: leave those to the caller (FSDP2 loads them into shards, ``engine.distributed``).
+    """
+    if model is not None:
+        model.load_state_dict(torch.load(path / "model.pt", map_location=device, weights_only=True))
+    if optimizer is not None:
+        optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location=device, weights_only=True))
     scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
     _set_rng_state(torch.load(path / "rng.pt", weights_only=False))
     return json.loads((path / STATE_FILE).read_text())

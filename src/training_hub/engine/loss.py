@@ -11,11 +11,13 @@ with a boolean mask), so prompt tokens never materialise full-vocabulary logits.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 
 import torch
 import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
 
 from training_hub.engine.attention import BOUNDS_KWARG
 from training_hub.engine.attention import NAME as PACKED_ATTENTION
@@ -35,10 +37,11 @@ def packed_logits(model: torch.nn.Module, row: dict, keep: torch.Tensor) -> torc
     that detection (with a cache, transformers skips it and samples would see each other).
     Returns a (num_kept, vocab) tensor.
     """
+    inner = model.module if isinstance(model, DistributedDataParallel) else model  # call DDP, read the model
     kwargs = dict(input_ids=row["input_ids"], position_ids=row["position_ids"], use_cache=False)
-    if getattr(model.config, "_attn_implementation", None) == PACKED_ATTENTION:
+    if getattr(inner.config, "_attn_implementation", None) == PACKED_ATTENTION:
         kwargs[BOUNDS_KWARG] = row["sample_bounds"]
-    if _accepts_logits_to_keep(type(model)):
+    if _accepts_logits_to_keep(type(inner)):
         logits = model(**kwargs, logits_to_keep=keep).logits
         return logits.reshape(-1, logits.shape[-1])
     return model(**kwargs).logits[keep]  # a model without logits_to_keep: project every position, then select
@@ -51,18 +54,28 @@ def token_loss_sum(model: torch.nn.Module, row: dict) -> torch.Tensor:
     return F.cross_entropy(logits.float(), row["targets"][mask], reduction="sum")
 
 
-def step_loss_and_backward(model: torch.nn.Module, rows: list[dict], autocast) -> tuple[float, int]:
+def step_loss_and_backward(model: torch.nn.Module, rows: list[dict], autocast, *, total_targets: int | None = None,
+                           grad_scale: float = 1.0, accumulate=contextlib.nullcontext) -> tuple[float, int]:
     """Forward and backward every micro-batch of one optimizer step; return (mean token loss, loss tokens).
 
     Each micro-batch's summed loss is divided by the loss-bearing tokens of the *whole step* before its backward,
     so the accumulated gradients equal those of the step's mean token loss, however the step was split.
+
+    Across ranks (see ``engine.distributed``): ``total_targets`` is the step's loss tokens summed over all ranks
+    (default: those of ``rows``), ``grad_scale`` the number of ranks (DDP and FSDP2 average gradients over the
+    ranks, so each rank's backward is scaled back up), and ``accumulate()`` wraps every backward but the last
+    (DDP's ``no_sync``). The returned loss is then this rank's part of the step's mean; summed over ranks it is
+    the mean.
     """
-    total_targets = sum(int(row["loss_mask"].sum()) for row in rows)
+    if total_targets is None:
+        total_targets = sum(int(row["loss_mask"].sum()) for row in rows)
     denominator = max(total_targets, 1)
     loss_total = 0.0
-    for row in rows:
+    for i, row in enumerate(rows):
         with autocast():
             loss_sum = token_loss_sum(model, row)
-        (loss_sum / denominator).backward()
+        scaled = loss_sum if grad_scale == 1 else loss_sum * grad_scale
+        with accumulate() if i < len(rows) - 1 else contextlib.nullcontext():
+            (scaled / denominator).backward()
         loss_total += loss_sum.item()
     return loss_total / denominator, total_targets

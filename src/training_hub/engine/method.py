@@ -6,6 +6,7 @@ target layers for their SVD factors, projects each step and saves dense weights.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 
@@ -25,6 +26,18 @@ class TrainingMethod:
     def after_step(self, model) -> None:
         """Right after ``optimizer.step()``."""
 
-    def export_state_dict(self, model) -> dict | None:
-        """Weights for the Hugging Face checkpoint under the model's original names (None: its own state dict)."""
+    def export_state_dict(self, model, state_dict: dict | None = None) -> dict | None:
+        """Weights for the Hugging Face checkpoint under the model's original names (None: its own state dict).
+
+        ``state_dict``: the model's full state dict when the model itself holds only shards (FSDP2; rank 0 only).
+        """
         return None
+
+    def save_model(self, model, directory: Path, save_dtype, state_dict: dict | None = None) -> bool:
+        """Write the model part of a checkpoint into ``directory`` (still under its temporary name) yourself.
+
+        Return True if you wrote it (e.g. LoRA writes only the adapter, in PEFT format); False lets the loop save
+        the full model (``export_state_dict`` cast to ``save_dtype``). The tokenizer is saved by the loop either way.
+        ``state_dict``: what the loop would save (None: the model's own; FSDP2: gathered from the shards).
+        """
+        return False

@@ -40,19 +40,38 @@ class MetricsWriter:
         self._file.close()
 
 
+class DiscardMetrics:
+    """The writer of every rank but rank 0 of a multi-process run: rank 0 alone writes metrics.jsonl."""
+
+    def write(self, record: dict) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
 def peak_memory_bytes(device: torch.device) -> int:
     """Peak memory of this process: max allocated on CUDA, resident-set high-water mark on CPU."""
     if device.type == "cuda":
         return int(torch.cuda.max_memory_allocated(device))
+    # Linux: VmHWM is this program's own high-water mark. getrusage's ru_maxrss also counts the address space
+    # of the process that forked us before our exec (e.g. a large parent such as a test runner or notebook).
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return int(rss if sys.platform == "darwin" else rss * 1024)  # bytes on macOS, KiB on Linux
 
 
-def progress_bar(total: int, initial: int, disable: bool):
+def progress_bar(total: int, initial: int, disable: bool, desc: str = "sft"):
     """A tqdm bar on stderr over optimizer steps."""
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, initial=initial, disable=disable, desc="sft", unit="step", file=sys.stderr,
+    return tqdm(total=total, initial=initial, disable=disable, desc=desc, unit="step", file=sys.stderr,
                 dynamic_ncols=True)
 
 

@@ -15,7 +15,6 @@ import random
 import signal
 import sys
 import time
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,11 +22,12 @@ from typing import Any
 import torch
 
 from training_hub.engine import checkpoint as ckpt
+from training_hub.engine import distributed
 from training_hub.engine.attention import use_packed_attention
 from training_hub.engine.batching import check_sample_lengths, pack, pack_into_micro_batches, plan_epoch
 from training_hub.engine.loss import step_loss_and_backward, token_loss_sum
 from training_hub.engine.method import TrainingMethod
-from training_hub.engine.metrics import MetricsWriter, peak_memory_bytes, progress_bar, step_record
+from training_hub.engine.metrics import DiscardMetrics, MetricsWriter, peak_memory_bytes, progress_bar, step_record
 from training_hub.engine.schedule import build_scheduler
 from training_hub.result import TrainingResult
 
@@ -46,23 +46,16 @@ class Data:
 
 # ---------------------------------------------------------------------------------------------------- setup
 
-def check_supported(config) -> None:
+def check_supported(config, ranks: distributed.Ranks) -> None:
     """Refuse what this version cannot do, and warn once about settings it ignores."""
-    if config.nproc_per_node not in (1, "auto") or config.nnodes != 1:
+    from training_hub.engine.launch import launch_plan
+
+    if not distributed.in_torchrun_worker() and launch_plan(config).world_size > 1:
         raise ValueError(
-            f"nproc_per_node={config.nproc_per_node}, nnodes={config.nnodes}: multi-process training is not "
-            "implemented in the native backend yet; run with nproc_per_node=1 and nnodes=1.")
-    if config.nproc_per_node == "auto" and torch.cuda.device_count() > 1:
-        warnings.warn("nproc_per_node='auto': multi-GPU training is not implemented in the native backend yet; "
-                      "training on one GPU.", stacklevel=3)
-    ignored = [name for name in ("wandb_project", "tensorboard_log_dir", "mlflow_tracking_uri",
-                                 "mlflow_experiment_name") if getattr(config, name)]
-    if ignored:
-        warnings.warn(f"{', '.join(ignored)}: the native backend does not send metrics to W&B, TensorBoard or "
-                      "MLflow yet; they are written to metrics.jsonl in ckpt_output_dir only.", stacklevel=3)
-    if config.use_liger:
-        warnings.warn("use_liger=True is ignored: the native backend has no Liger kernel integration yet "
-                      "(it already avoids full-vocabulary logits for prompt tokens).", stacklevel=3)
+            f"nproc_per_node={config.nproc_per_node}, nnodes={config.nnodes}: train_sft() is one process of a run; "
+            "start several through sft()/osft() (they launch torchrun) or training_hub.engine.launch.run_training(), "
+            "or run your script under torchrun.")
+    # W&B / TensorBoard / MLflow: engine.reporter; use_liger and other upstream names: training_hub.compat
 
 
 def device_and_autocast(dtype: str):
@@ -74,7 +67,7 @@ def device_and_autocast(dtype: str):
     return device, contextlib.nullcontext
 
 
-def prepare_data(config, tokenizer, root: Path) -> Data:
+def prepare_data(config, tokenizer, root: Path, verbose: bool = True) -> Data:
     """Validate and tokenize the training data (and the validation data or split); check every sample fits."""
     from training_hub.data import check_data, prepare_sft_data
 
@@ -94,7 +87,8 @@ def prepare_data(config, tokenizer, root: Path) -> Data:
             cache_dir=cache / name)
 
     prepared = prepare(config.data_path, "train")
-    print(prepared.summary.format(), file=sys.stderr)
+    if verbose:
+        print(prepared.summary.format(), file=sys.stderr)
     train, validation = prepared.dataset, None
     if config.validation_data_path:
         validation = prepare(config.validation_data_path, "validation").dataset
@@ -143,19 +137,25 @@ def collate(dataset, indices: list[int], device: torch.device) -> dict:
 
 
 @torch.no_grad()
-def validation_loss(model, dataset, max_tokens: int, device, autocast) -> tuple[float, int]:
-    """Mean token loss over the whole validation set, in token-budget micro-batches."""
+def validation_loss(model, dataset, max_tokens: int, device, autocast,
+                    ranks: distributed.Ranks = distributed.SINGLE) -> tuple[float, int]:
+    """Mean token loss over the whole validation set, in token-budget micro-batches (dealt round-robin to ranks)."""
     model.eval()
     lengths = dataset["length"]
+    micro_batches = [micro for start in range(0, len(lengths), 512)
+                     for micro in pack_into_micro_batches(list(range(start, min(start + 512, len(lengths)))),
+                                                          lengths, max_tokens)]
+    mine = micro_batches[ranks.rank::ranks.world_size]
+    passes = -(-len(micro_batches) // ranks.world_size)  # every rank runs as many forwards (FSDP2 all-gathers)
     total, targets = 0.0, 0
-    for start in range(0, len(lengths), 512):
-        for micro in pack_into_micro_batches(list(range(start, min(start + 512, len(lengths)))), lengths, max_tokens):
-            row = collate(dataset, micro, device)
-            with autocast():
-                total += token_loss_sum(model, row).item()
-            targets += int(row["loss_mask"].sum())
+    for k in range(passes):
+        row = collate(dataset, mine[k], device) if k < len(mine) else distributed.empty_micro_batch(device)
+        with autocast():
+            total += token_loss_sum(model, row).item()
+        targets += int(row["loss_mask"].sum())
+    total, targets = distributed.all_sum(ranks, total, targets)
     model.train()
-    return total / max(targets, 1), targets
+    return total / max(targets, 1), int(targets)
 
 
 @contextlib.contextmanager
@@ -187,19 +187,23 @@ def train_sft(config, method: TrainingMethod | None = None) -> TrainingResult:
     """Train ``config.model_path`` on ``config.data_path`` (an ``SFTConfig``) and return a ``TrainingResult``.
 
     ``method`` adapts the loop for SFT-style algorithms such as OSFT (see ``engine.method``); default plain SFT.
+    Inside a torchrun worker this is one rank of the run (see ``engine.distributed``): every rank returns the
+    same result, rank 0 alone writes.
     """
     from transformers import AutoTokenizer
 
     method = method or TrainingMethod()
-    check_supported(config)
+    ranks = distributed.setup(config.strategy)
+    check_supported(config, ranks)
     root = Path(config.ckpt_output_dir)
-    resume_from = ckpt.check_output_dir(root, config.resume)
+    resume_from = distributed.broadcast(ranks, ckpt.check_output_dir(root, config.resume) if ranks.is_main else None)
     device, autocast = device_and_autocast(config.dtype)
     random.seed(config.seed)
     torch.manual_seed(config.seed)
 
     tokenizer = AutoTokenizer.from_pretrained(config.model_path, trust_remote_code=config.trust_remote_code)
-    data = prepare_data(config, tokenizer, root)  # validates all data before anything is written
+    with distributed.main_first(ranks):  # the others then find rank 0's cache
+        data = prepare_data(config, tokenizer, root, verbose=ranks.is_main)  # validates all data before any write
     root.mkdir(parents=True, exist_ok=True)
     lengths = data.train["length"]
     steps_per_epoch = math.ceil(len(lengths) / config.effective_batch_size)
@@ -213,9 +217,10 @@ def train_sft(config, method: TrainingMethod | None = None) -> TrainingResult:
                  "max_tokens_per_gpu": data.max_tokens, "num_train_samples": len(lengths),
                  "model_path": str(config.model_path), **method.plan_keys()}
 
-    model, save_dtype = load_model(config, device)
-    method.prepare_model(model)
-    trainable = [p for p in model.parameters() if p.requires_grad]
+    raw, save_dtype = load_model(config, device)
+    method.prepare_model(raw)
+    model = distributed.wrap_model(raw, ranks, device)  # what the loop calls: raw, DDP(raw) or raw made FSDP2
+    trainable = [p for p in raw.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=config.learning_rate, betas=(config.beta1, config.beta2),
                                   eps=config.eps, weight_decay=config.weight_decay, fused=True)  # one kernel
     scheduler = build_scheduler(optimizer, name=config.lr_scheduler, warmup_steps=config.warmup_steps,
@@ -224,27 +229,43 @@ def train_sft(config, method: TrainingMethod | None = None) -> TrainingResult:
     progress = {"global_step": 0, "epoch": 0, "step_in_epoch": 0, "samples_seen": 0, "tokens_seen": 0,
                 "elapsed": 0.0, "last_saved_samples": None, "last_loss": None, **plan_keys}
     if resume_from is not None:
-        saved = ckpt.load_training_state(resume_from, model=model, optimizer=optimizer, scheduler=scheduler,
+        if ranks.fsdp:  # rank 0 reads the full state, every rank loads its shards
+            distributed.load_full_training_state(model, optimizer, resume_from, ranks)
+        saved = ckpt.load_training_state(resume_from, model=None if ranks.fsdp else raw,
+                                         optimizer=None if ranks.fsdp else optimizer, scheduler=scheduler,
                                          device=device)
         check_resume_matches(saved, plan_keys)
         progress.update({k: saved[k] for k in progress if k in saved and k not in plan_keys})
         logger.info("resuming from %s (step %d, %d samples seen)", resume_from, saved["global_step"],
                     saved["samples_seen"])
     metrics = MetricsWriter(root / ckpt.METRICS_FILE,
-                            keep_through_step=progress["global_step"] if resume_from is not None else None)
+                            keep_through_step=progress["global_step"] if resume_from is not None else None
+                            ) if ranks.is_main else DiscardMetrics()
+    from training_hub.engine.reporter import RunReporter  # metrics.jsonl + callbacks + experiment loggers
+
+    metrics = RunReporter(metrics, config, backend="native", enabled=ranks.is_main)
+    metrics.begin(total_steps, progress["global_step"], progress["samples_seen"])
 
     def save(hf: bool) -> None:
         """An HF checkpoint (once per sample count) and the training state that goes with it."""
         if hf and progress["last_saved_samples"] != progress["samples_seen"]:
-            ckpt.save_hf_checkpoint(model, tokenizer, root, progress["samples_seen"], save_dtype,
-                                    state_dict=method.export_state_dict(model))
-            ckpt.prune_hf_checkpoints(root, config.keep_last_n_checkpoints)
+            gathered = distributed.full_model_state(model, ranks)  # FSDP2: every rank takes part; else None
+            if ranks.is_main:
+                weights = method.export_state_dict(raw) if gathered is None else (
+                    method.export_state_dict(raw, gathered) or gathered)
+                saved = ckpt.save_hf_checkpoint(raw, tokenizer, root, progress["samples_seen"], save_dtype,
+                                                state_dict=weights, save_model=method.save_model)
+                ckpt.prune_hf_checkpoints(root, config.keep_last_n_checkpoints)
+                metrics.saved(saved)
             progress["last_saved_samples"] = progress["samples_seen"]
-        ckpt.save_training_state(root, model=model, optimizer=optimizer, scheduler=scheduler,
-                                 progress={**progress, "elapsed": elapsed()})
+        model_state, optimizer_state = distributed.full_training_state(model, optimizer, ranks)
+        if ranks.is_main:
+            ckpt.save_training_state(root, model=raw, optimizer=optimizer, scheduler=scheduler,
+                                     progress={**progress, "elapsed": elapsed()}, model_state=model_state,
+                                     optimizer_state=optimizer_state)
 
     def validate() -> None:
-        loss, targets = validation_loss(model, data.validation, data.max_tokens, device, autocast)
+        loss, targets = validation_loss(model, data.validation, data.max_tokens, device, autocast, ranks)
         epoch = progress["epoch"] + progress["step_in_epoch"] / steps_per_epoch
         metrics.write({"type": "validation", "step": progress["global_step"], "epoch": round(epoch, 6),
                        "loss": loss, "loss_tokens": targets, "elapsed": round(elapsed(), 4)})
@@ -254,23 +275,34 @@ def train_sft(config, method: TrainingMethod | None = None) -> TrainingResult:
     start_time, prior_elapsed = time.perf_counter(), progress["elapsed"]
     elapsed = lambda: prior_elapsed + time.perf_counter() - start_time  # noqa: E731
     train_seconds, train_tokens, status = 0.0, 0, "success"
-    bar = progress_bar(total_steps, progress["global_step"], config.disable_progress_bar)
+    bar = progress_bar(total_steps, progress["global_step"], config.disable_progress_bar or not ranks.is_main)
     try:
         with stop_on_sigterm() as sigterm:
             while progress["epoch"] < config.num_epochs and progress["global_step"] < total_steps:
                 steps = plan_epoch(lengths, effective_batch_size=config.effective_batch_size,
-                                   max_tokens_per_gpu=data.max_tokens, seed=config.seed, epoch=progress["epoch"])
+                                   max_tokens_per_gpu=data.max_tokens, seed=config.seed, epoch=progress["epoch"],
+                                   num_ranks=ranks.world_size, rank=ranks.rank)
                 while progress["step_in_epoch"] < len(steps) and progress["global_step"] < total_steps:
                     step = steps[progress["step_in_epoch"]]
                     t0 = time.perf_counter()
                     rows = [collate(data.train, micro, device) for micro in step.micro_batches]
-                    loss, loss_tokens = step_loss_and_backward(model, rows, autocast)
-                    method.before_step(model)
+                    if ranks.distributed:  # same number of passes on every rank; loss tokens counted globally
+                        rows += [distributed.empty_micro_batch(device)] * (step.max_micro_batches - len(rows))
+                        local_targets = sum(int(row["loss_mask"].sum()) for row in rows)
+                        (global_targets,) = distributed.all_sum(ranks, local_targets)
+                        loss, loss_tokens = step_loss_and_backward(
+                            model, rows, autocast, total_targets=int(global_targets), grad_scale=ranks.world_size,
+                            accumulate=distributed.no_sync(model))
+                        loss, stop = distributed.all_sum(ranks, loss, float(sigterm["stop"]))
+                        sigterm["stop"] = stop > 0  # every rank stops after the same step
+                    else:
+                        loss, loss_tokens = step_loss_and_backward(model, rows, autocast)
+                    method.before_step(raw)
                     clip = config.max_grad_norm or float("inf")
-                    grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, clip))
+                    grad_norm = distributed.grad_norm_value(torch.nn.utils.clip_grad_norm_(trainable, clip))
                     lr = scheduler.get_last_lr()[0]
                     optimizer.step()
-                    method.after_step(model)
+                    method.after_step(raw)
                     scheduler.step()
                     optimizer.zero_grad(set_to_none=True)
                     seconds = time.perf_counter() - t0
@@ -324,7 +356,7 @@ def train_sft(config, method: TrainingMethod | None = None) -> TrainingResult:
         metrics.close()
 
     # ------------------------------------------------------------------------------------------- clean up
-    checkpoints = ckpt.hf_checkpoints(root)
+    checkpoints = distributed.broadcast(ranks, ckpt.hf_checkpoints(root) if ranks.is_main else None)
     result_metrics = {
         "final_loss": progress["last_loss"],
         "validation_loss": progress.get("last_validation_loss"),
@@ -337,5 +369,11 @@ def train_sft(config, method: TrainingMethod | None = None) -> TrainingResult:
         "device": str(device),
         "metrics_path": str(root / ckpt.METRICS_FILE),
     }
-    return TrainingResult(status=status, checkpoint_path=str(checkpoints[-1]) if checkpoints else None,
-                          metrics=result_metrics, output_dir=str(root))
+    if ranks.distributed:
+        result_metrics.update(num_processes=ranks.world_size, strategy=ranks.strategy)
+        result_metrics = distributed.broadcast(ranks, result_metrics)  # rank 0's clock and memory
+    distributed.teardown(ranks)
+    result = TrainingResult(status=status, checkpoint_path=str(checkpoints[-1]) if checkpoints else None,
+                            metrics=result_metrics, output_dir=str(root))
+    metrics.end(result)
+    return result

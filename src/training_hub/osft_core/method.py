@@ -45,5 +45,5 @@ class OSFTMethod(TrainingMethod):
     def after_step(self, model) -> None:
         project_parameters(model)
 
-    def export_state_dict(self, model) -> dict:
-        return dense_state_dict(model)
+    def export_state_dict(self, model, state_dict: dict | None = None) -> dict:
+        return dense_state_dict(model, state_dict)

@@ -1,0 +1,261 @@
+"""What the training loop needs to run as one rank of a torchrun job: process group, wrapping, reductions, state.
+
+A run with one process uses :data:`SINGLE` and every function here is a no-op that returns its input, so the
+one-process loop is the same code with nothing added. Inside a torchrun worker (``RANK``/``WORLD_SIZE`` set and
+a world of more than one) :func:`setup` starts the process group: gloo on CPU, NCCL on CUDA with one device per
+``LOCAL_RANK``.
+
+Strategies (``DistributedParams.strategy``):
+
+* ``ddp``: ``DistributedDataParallel``; every rank holds the whole model; gradients are all-reduced (averaged)
+  in the last backward of a step, the others run under ``no_sync``.
+* ``fsdp2``: ``torch.distributed.fsdp.fully_shard`` on every decoder layer, then on the root; parameters,
+  gradients and optimizer state are sharded on dim 0; gradients are reduce-scattered (averaged) in every backward.
+
+Both average gradients over the ranks, so each rank scales its backward by the number of ranks (see
+``loss.step_loss_and_backward``). Every rank runs the same number of forward/backward passes per step (FSDP2
+all-gathers parameters in each forward); a rank with fewer micro-batches pads with :func:`empty_micro_batch`,
+one token without a target, whose gradients are exact zeros.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import logging
+import os
+from dataclasses import dataclass
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+# Last resort against a hang (a rank stuck while the others wait in a collective); torchrun normally ends a
+# failed run within a second. Long enough for rank 0 to write a large checkpoint while the others wait.
+COLLECTIVE_TIMEOUT = datetime.timedelta(minutes=30)
+
+
+@dataclass(frozen=True)
+class Ranks:
+    """This process's place in the run."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    strategy: str = "ddp"
+    owns_group: bool = False  # we started the process group (and end it)
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def fsdp(self) -> bool:
+        return self.distributed and self.strategy == "fsdp2"
+
+
+SINGLE = Ranks()
+
+
+def in_torchrun_worker() -> bool:
+    """True inside a process started by torchrun (or another launcher that sets the torch.distributed env)."""
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ and "LOCAL_RANK" in os.environ
+
+
+def setup(strategy: str) -> Ranks:
+    """Join the torchrun job this process belongs to (or :data:`SINGLE` outside one, or in a world of one)."""
+    if not in_torchrun_worker() or int(os.environ["WORLD_SIZE"]) == 1:
+        return SINGLE
+    import torch.distributed as dist
+
+    local_rank = int(os.environ["LOCAL_RANK"])
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+    owns = not dist.is_initialized()
+    if owns:
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        device_id = torch.device("cuda", local_rank) if torch.cuda.is_available() else None
+        dist.init_process_group(backend, timeout=COLLECTIVE_TIMEOUT, device_id=device_id)
+    return Ranks(rank=dist.get_rank(), world_size=dist.get_world_size(), local_rank=local_rank, strategy=strategy,
+                 owns_group=owns)
+
+
+def teardown(ranks: Ranks) -> None:
+    if ranks.owns_group:
+        import torch.distributed as dist
+
+        dist.barrier()  # no rank tears down while another still talks to it
+        dist.destroy_process_group()
+
+
+def wrap_model(model: torch.nn.Module, ranks: Ranks, device: torch.device) -> torch.nn.Module:
+    """The module the loop calls: the model itself (one process), DDP around it, or the model made FSDP2 in place.
+
+    Call after the model is complete (OSFT's decomposition included) and before the optimizer is built.
+    """
+    if not ranks.distributed:
+        return model
+    if ranks.strategy == "ddp":
+        import inspect
+
+        from torch.nn.parallel import DistributedDataParallel
+
+        # Buffers (rotary tables) are computed identically on every rank; nothing to broadcast per forward.
+        no_buffer_sync = ({"forward_sync_buffers": False} if "forward_sync_buffers" in
+                          inspect.signature(DistributedDataParallel).parameters else {"broadcast_buffers": False})
+        return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                       **no_buffer_sync)
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh(device.type, (ranks.world_size,))
+    layer_classes = set(getattr(model, "_no_split_modules", None) or ())
+    layers = [m for m in model.modules() if type(m).__name__ in layer_classes]
+    if not layers:
+        raise ValueError(f"strategy='fsdp2': cannot find the decoder layers of {type(model).__name__} "
+                         "(no _no_split_modules); use strategy='ddp'")
+    for layer in layers:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The model under a DDP wrapper (an FSDP2 model is its own)."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    return model.module if isinstance(model, DistributedDataParallel) else model
+
+
+def no_sync(model: torch.nn.Module):
+    """A context factory for the backward passes that should only accumulate (DDP: skip the all-reduce)."""
+    return model.no_sync if hasattr(model, "no_sync") else contextlib.nullcontext
+
+
+def empty_micro_batch(device: torch.device) -> dict:
+    """One token and no target: a forward/backward that keeps a rank in step with the others and adds nothing."""
+    from training_hub.engine.batching import IGNORE_INDEX, pack
+
+    return pack([[0]], [[IGNORE_INDEX]], device=device)
+
+
+def all_sum(ranks: Ranks, *values: float) -> tuple[float, ...]:
+    """The sums of ``values`` over all ranks (one all-reduce, float64: integer counts stay exact)."""
+    if not ranks.distributed:
+        return values
+    import torch.distributed as dist
+
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    tensor = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(tensor)
+    return tuple(tensor.tolist())
+
+
+def broadcast(ranks: Ranks, value):
+    """Rank 0's ``value`` (any picklable object) on every rank."""
+    if not ranks.distributed:
+        return value
+    import torch.distributed as dist
+
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def barrier(ranks: Ranks) -> None:
+    if ranks.distributed:
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
+@contextlib.contextmanager
+def main_first(ranks: Ranks):
+    """Rank 0 runs the block first (e.g. fills a cache), then the other ranks (who then hit the cache)."""
+    if not ranks.is_main:
+        barrier(ranks)
+    yield
+    if ranks.is_main:
+        barrier(ranks)
+
+
+def grad_norm_value(norm: torch.Tensor) -> float:
+    """``clip_grad_norm_``'s result as a float (a DTensor under FSDP2: the norm over all shards)."""
+    return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+
+
+# ------------------------------------------------------------------------------------------------- state
+
+def _full_options(**extra):
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(full_state_dict=True, cpu_offload=True, **extra)
+
+
+def _retie(model: torch.nn.Module, state: dict) -> dict:
+    """Gathered tensors of tied parameters (embeddings and LM head) are copies; make them one tensor again, as
+    in ``model.state_dict()``, so ``save_pretrained`` stores the weight once."""
+    first: dict[int, str] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        if id(param) in first and name in state and first[id(param)] in state:
+            state[name] = state[first[id(param)]]
+        first.setdefault(id(param), name)
+    return state
+
+
+def full_model_state(model: torch.nn.Module, ranks: Ranks) -> dict | None:
+    """FSDP2: the whole model's state dict gathered to rank 0 on CPU (every rank must call; others get {}).
+
+    None otherwise: the model in this process already holds every weight.
+    """
+    if not ranks.fsdp:
+        return None
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+    return _retie(model, get_model_state_dict(model, options=_full_options()))
+
+
+def _trainable_names(model: torch.nn.Module) -> list[str]:
+    """Names of the optimizer's parameters, in its order (the loop builds it from ``requires_grad`` parameters)."""
+    return [name for name, param in model.named_parameters() if param.requires_grad]
+
+
+def _optimizer_state_keys(state: dict, mapping: dict) -> dict:
+    return {"state": {mapping[k]: v for k, v in state["state"].items()},
+            "param_groups": [{**group, "params": [mapping[k] for k in group["params"]]}
+                             for group in state["param_groups"]]}
+
+
+def full_training_state(model: torch.nn.Module, optimizer, ranks: Ranks) -> tuple[dict | None, dict | None]:
+    """FSDP2: model and optimizer state gathered to rank 0 (every rank must call). (None, None) otherwise.
+
+    Stored as a one-process run stores them (the optimizer state keyed by parameter index), so a training state
+    resumes under any strategy and process count.
+    """
+    if not ranks.fsdp:
+        return None, None
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    model_state, optimizer_state = get_state_dict(model, optimizer, options=_full_options())
+    if not ranks.is_main:
+        return None, None
+    index = {name: i for i, name in enumerate(_trainable_names(model))}
+    return _retie(model, model_state), _optimizer_state_keys(optimizer_state, index)
+
+
+def load_full_training_state(model: torch.nn.Module, optimizer, path, ranks: Ranks) -> None:
+    """FSDP2: load a full training state (read on rank 0) into the shards of every rank (every rank must call)."""
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
+
+    model_state, optimizer_state = {}, {}
+    if ranks.is_main:
+        model_state = torch.load(path / "model.pt", map_location="cpu", weights_only=True)
+        saved = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
+        optimizer_state = _optimizer_state_keys(saved, dict(enumerate(_trainable_names(model))))
+    # Two calls: set_state_dict() skips the model on ranks that pass an empty model state (all but rank 0).
+    set_model_state_dict(model, model_state, options=_full_options(broadcast_from_rank0=True))
+    set_optimizer_state_dict(model, optimizer, optimizer_state, options=_full_options(broadcast_from_rank0=True))
