@@ -6,13 +6,11 @@ checkpoint, how often the policy/reference log-ratio prefers the chosen answer (
 
 from __future__ import annotations
 
-import copy
 import json
 import math
 
 import pytest
 
-from training_hub import AlgorithmRegistry
 from training_hub.algorithms.dpo import DPOAlgorithm, DPOConfig, dpo
 from training_hub.backends.trl import TRLDPOBackend
 from training_hub.config.declare import ParameterError, validate_params
@@ -35,20 +33,6 @@ PAIRS = [
 def preference_records():
     return [{"prompt": [{"role": "user", "content": q}], "chosen": [{"role": "assistant", "content": c}],
              "rejected": [{"role": "assistant", "content": r}]} for q, c, r in PAIRS]
-
-
-@pytest.fixture(scope="module")
-def registered():
-    """Register dpo + its trl backend for this module (the built-in registration may not exist yet)."""
-    AlgorithmRegistry.list_algorithms()
-    saved = (dict(AlgorithmRegistry._algorithms), copy.deepcopy(AlgorithmRegistry._backends))
-    AlgorithmRegistry.register_algorithm("dpo", DPOAlgorithm)
-    AlgorithmRegistry.register_backend("dpo", "trl", TRLDPOBackend)
-    yield AlgorithmRegistry
-    AlgorithmRegistry._algorithms.clear()
-    AlgorithmRegistry._algorithms.update(saved[0])
-    AlgorithmRegistry._backends.clear()
-    AlgorithmRegistry._backends.update(saved[1])
 
 
 @pytest.fixture(scope="module")
@@ -110,7 +94,7 @@ def test_bad_parameters_are_reported_together():
                                     "is_pretraining": True})
 
 
-def test_bad_preference_data_fails_before_loading_the_model(registered, tmp_path):
+def test_bad_preference_data_fails_before_loading_the_model(tmp_path):
     data = tmp_path / "bad.jsonl"
     data.write_text(json.dumps({"prompt": "q", "chosen": "a"}) + "\n")
     out = tmp_path / "out"
@@ -201,7 +185,7 @@ def test_sigmoid_loss_matches_trl_on_the_same_batch(tiny_model_dir, pref_path, t
 
 
 @pytest.mark.slow
-def test_dpo_trl_learns_the_preferences(registered, tiny_model_dir, pref_path, tmp_path):
+def test_dpo_trl_learns_the_preferences(tiny_model_dir, pref_path, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     out = tmp_path / "dpo"

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import copy
 import json
 from pathlib import Path
 
 import pytest
 
-from training_hub import AlgorithmRegistry
 from training_hub.algorithms.lora import LoRASFTAlgorithm, LoRASFTConfig, lora_sft
 from training_hub.backends.trl import TRLLoRASFTBackend
 from training_hub.config.declare import ParameterError, validate_params
@@ -21,20 +19,6 @@ LORA_NAMES = ("lora_r", "lora_alpha", "lora_dropout", "target_modules", "use_dor
 
 
 @pytest.fixture(scope="module")
-def registered():
-    """Register lora_sft + its trl backend for this module (the built-in registration may not exist yet)."""
-    AlgorithmRegistry.list_algorithms()
-    saved = (dict(AlgorithmRegistry._algorithms), copy.deepcopy(AlgorithmRegistry._backends))
-    AlgorithmRegistry.register_algorithm("lora_sft", LoRASFTAlgorithm)
-    AlgorithmRegistry.register_backend("lora_sft", "trl", TRLLoRASFTBackend)
-    yield AlgorithmRegistry
-    AlgorithmRegistry._algorithms.clear()
-    AlgorithmRegistry._algorithms.update(saved[0])
-    AlgorithmRegistry._backends.clear()
-    AlgorithmRegistry._backends.update(saved[1])
-
-
-@pytest.fixture(scope="module")
 def chat_path(tmp_path_factory):
     from training_hub.tiny import demo_data_path
 
@@ -44,7 +28,7 @@ def chat_path(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def trained(registered, tiny_model_dir, chat_path, tmp_path_factory):
+def trained(tiny_model_dir, chat_path, tmp_path_factory):
     out = tmp_path_factory.mktemp("lora") / "run"
     result = lora_sft(str(tiny_model_dir), str(chat_path), str(out), backend="trl", lora_r=8, lora_alpha=16.0,
                       target_modules=["q_proj", "k_proj", "v_proj", "o_proj"], merge=True, learning_rate=5e-3,
@@ -68,8 +52,10 @@ def test_declaration_is_sft_plus_lora():
     from training_hub.algorithms.sft import SFTConfig
     from training_hub.config.declare import param_specs
 
+    from training_hub.algorithms.lora import LoRAUpstreamParams
+
     lora, sft = param_specs(LoRASFTConfig), param_specs(SFTConfig)
-    assert set(lora) == set(sft) | set(LORA_NAMES)
+    assert set(lora) == set(sft) | set(LORA_NAMES) | set(param_specs(LoRAUpstreamParams))
     assert all(lora[name].group == "LoRA" for name in LORA_NAMES)
     with pytest.raises(ParameterError) as info:
         validate_params(LoRASFTConfig, {"model_path": "m", "data_path": "d", "ckpt_output_dir": "o",
@@ -79,7 +65,7 @@ def test_declaration_is_sft_plus_lora():
     assert "lora_rank: unknown parameter; did you mean 'lora_r'?" in text
 
 
-def test_qlora_without_cuda_is_a_clear_error_before_any_work(registered, tmp_path, monkeypatch):
+def test_qlora_without_cuda_is_a_clear_error_before_any_work(tmp_path, monkeypatch):
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA; the refusal is for machines without it")
     out = tmp_path / "out"

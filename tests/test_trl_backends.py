@@ -7,13 +7,12 @@ here independently of TRL.
 
 from __future__ import annotations
 
-import copy
 import importlib.util
 import json
 
 import pytest
 
-from training_hub import AlgorithmRegistry, Availability
+from training_hub import Availability
 from training_hub.algorithms.sft import sft
 from training_hub.backends.trl import TRLDPOBackend, TRLLoRASFTBackend, TRLSFTBackend
 
@@ -21,19 +20,6 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("trl")
 
 N_SAMPLES = 8
-
-
-@pytest.fixture(scope="module")
-def registered():
-    """Register sft's trl backend for this module (the built-in registration may not exist yet)."""
-    AlgorithmRegistry.list_algorithms()
-    saved = (dict(AlgorithmRegistry._algorithms), copy.deepcopy(AlgorithmRegistry._backends))
-    AlgorithmRegistry.register_backend("sft", "trl", TRLSFTBackend)
-    yield AlgorithmRegistry
-    AlgorithmRegistry._algorithms.clear()
-    AlgorithmRegistry._algorithms.update(saved[0])
-    AlgorithmRegistry._backends.clear()
-    AlgorithmRegistry._backends.update(saved[1])
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +60,7 @@ def test_unavailable_without_trl_says_how_to_install(backend, monkeypatch):
     assert "pip install training-hub[trl" in status.reason and "trl" in status.reason.split("(")[0]
 
 
-def test_what_trl_cannot_do_is_one_error_before_any_work(registered, tmp_path):
+def test_what_trl_cannot_do_is_one_error_before_any_work(tmp_path):
     out = tmp_path / "out"
     with pytest.raises(ValueError) as info:
         sft(str(tmp_path / "no-model"), str(tmp_path / "no-data.jsonl"), str(out), backend="trl",
@@ -87,7 +73,7 @@ def test_what_trl_cannot_do_is_one_error_before_any_work(registered, tmp_path):
 
 
 @pytest.mark.slow
-def test_sft_trl_assistant_only_loss(registered, tiny_model_dir, chat_path, tmp_path):
+def test_sft_trl_assistant_only_loss(tiny_model_dir, chat_path, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     conversations = [json.loads(line)["messages"] for line in chat_path.read_text().splitlines()]
