@@ -10,13 +10,16 @@ from training_hub.algorithms import (
     DPOAlgorithm, DPOConfig, LoRASFTAlgorithm, LoRASFTConfig, OSFTAlgorithm, OSFTConfig, SFTAlgorithm, SFTConfig,
     dpo, lora_sft, osft, sft,
 )
+from training_hub.callbacks import TrainingContext, TrainingHubCallback
+from training_hub.compat import UpstreamParameterWarning
 from training_hub.config.declare import ParameterError
 
 __version__ = "0.1.0"
 
 __all__ = [
     "Algorithm", "AlgorithmRegistry", "Availability", "Backend", "DPOAlgorithm", "DPOConfig", "LoRASFTAlgorithm",
-    "LoRASFTConfig", "OSFTAlgorithm", "OSFTConfig", "ParameterError", "SFTAlgorithm", "SFTConfig", "TrainingResult", "create_algorithm", "dpo",
+    "LoRASFTConfig", "OSFTAlgorithm", "OSFTConfig", "ParameterError", "SFTAlgorithm", "SFTConfig", "TrainingContext", "TrainingHubCallback",
+    "TrainingResult", "UpstreamParameterWarning", "create_algorithm", "dpo",
     "lora_sft", "merge_adapter", "osft", "plot_loss", "sft",
 ]
 

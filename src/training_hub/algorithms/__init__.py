@@ -4,14 +4,14 @@ from training_hub.algorithms.dpo import DPOAlgorithm, DPOConfig, dpo
 from training_hub.algorithms.lora import LoRASFTAlgorithm, LoRASFTConfig, lora_sft
 from training_hub.algorithms.osft import OSFTAlgorithm, OSFTConfig, osft
 from training_hub.algorithms.sft import SFTAlgorithm, SFTConfig, sft
-from training_hub.backends.native import NativeOSFTBackend, NativeSFTBackend
+from training_hub.backends.native import NativeDPOBackend, NativeLoRASFTBackend, NativeOSFTBackend, NativeSFTBackend
 from training_hub.backends.trl import TRLDPOBackend, TRLLoRASFTBackend, TRLSFTBackend
 from training_hub.registry import AlgorithmRegistry
 
 AlgorithmRegistry._add_builtin("sft", SFTAlgorithm, {"native": NativeSFTBackend, "trl": TRLSFTBackend})
 AlgorithmRegistry._add_builtin("osft", OSFTAlgorithm, {"native": NativeOSFTBackend})
-AlgorithmRegistry._add_builtin("lora_sft", LoRASFTAlgorithm, {"trl": TRLLoRASFTBackend})
-AlgorithmRegistry._add_builtin("dpo", DPOAlgorithm, {"trl": TRLDPOBackend})
+AlgorithmRegistry._add_builtin("lora_sft", LoRASFTAlgorithm, {"native": NativeLoRASFTBackend, "trl": TRLLoRASFTBackend})
+AlgorithmRegistry._add_builtin("dpo", DPOAlgorithm, {"native": NativeDPOBackend, "trl": TRLDPOBackend})
 
 __all__ = ["DPOAlgorithm", "DPOConfig", "LoRASFTAlgorithm", "LoRASFTConfig", "OSFTAlgorithm", "OSFTConfig",
            "SFTAlgorithm", "SFTConfig", "dpo", "lora_sft", "osft", "sft"]

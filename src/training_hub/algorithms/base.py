@@ -27,10 +27,13 @@ class DeclaredAlgorithm(Algorithm):
         self.kwargs = kwargs
 
     def train(self, **kwargs: Any) -> Any:
-        given = {**self.kwargs, **kwargs}
+        from training_hub import compat
+
+        given = compat.upstream_call({**self.kwargs, **kwargs}, self.config_class)
         config = self.validate(given)
+        config, names = compat.apply(config, given, type(self.backend), what=f"{self.name}()")
         self._check_backend_can_run()
-        return self.backend.execute_training({name: getattr(config, name) for name in given})
+        return self.backend.execute_training({name: getattr(config, name) for name in names})
 
     def validate(self, params: Dict[str, Any]) -> Any:
         """The typed config for ``params``, or a ``ParameterError`` (a ``ValueError``) listing every problem."""

@@ -22,6 +22,12 @@ class OSFTParams(DeclaredConfig):
               "MLP projections of the model's architecture).")
     freeze_non_targets: bool = param(
         False, "Also freeze every non-target parameter (embeddings, norms, biases); default: they train as in SFT.")
+    osft_memory_efficient_init: bool = param(
+        False, "Upstream mini-trainer option for loading very large models; the native engine has no such mode "
+               "(ignored, with a warning).")
+    save_best_val_loss: bool = param(
+        False, "Upstream mini-trainer option: also save when the validation loss improves (ignored, with a warning; "
+               "use eval_steps with save_samples instead).")
 
 
 @dataclass(kw_only=True)

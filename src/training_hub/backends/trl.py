@@ -34,6 +34,7 @@ import time
 from pathlib import Path
 from typing import Any, ClassVar, Dict
 
+from training_hub.backends.trl_bridge import hub_bridge
 from training_hub.config.declare import validate_params
 from training_hub.registry import Availability, Backend
 
@@ -166,8 +167,6 @@ def training_arguments(config, args_class: type, *, root: Path, row_tokens: int,
     fields = {f.name for f in dataclasses.fields(args_class)}
     checkpointing = "activation_checkpointing" if "activation_checkpointing" in fields else "gradient_checkpointing"
     extra[checkpointing] = config.gradient_checkpointing
-    if config.use_liger and not cuda:
-        logger.warning("use_liger: Liger kernels need CUDA; ignored on this machine")
     return args_class(
         output_dir=str(root / STATE_DIR),
         per_device_train_batch_size=micro,
@@ -249,23 +248,6 @@ def _split(records: list, config) -> tuple[list, list | None]:
     return records, None
 
 
-def _length_policy(dataset, *, max_len: int, truncate: bool, length_fn, truncate_fn, what: str):
-    """Drop (or truncate) tokenized samples longer than ``max_len``; log how many."""
-    too_long = sum(1 for ex in dataset if length_fn(ex) > max_len)
-    if not too_long:
-        return dataset, 0
-    if truncate:
-        logger.warning("%s: truncating %d sample(s) longer than %d tokens", what, too_long, max_len)
-        return dataset.map(truncate_fn), too_long
-    logger.warning("%s: dropping %d sample(s) longer than %d tokens (truncate_long_samples=True keeps them, "
-                   "truncated)", what, too_long, max_len)
-    kept = dataset.filter(lambda ex: length_fn(ex) <= max_len)
-    if len(kept) == 0:
-        raise ValueError(f"{what}: every sample is longer than {max_len} tokens; raise the limit or pass "
-                         "truncate_long_samples=True")
-    return kept, too_long
-
-
 def _sft_length_policy(trainer, config) -> int:
     """Apply our length policy to SFTTrainer's tokenized dataset (it holds input_ids and labels)."""
     max_len = config.max_seq_len
@@ -275,31 +257,15 @@ def _sft_length_policy(trainer, config) -> int:
         return {k: v[:max_len] for k, v in ex.items() if isinstance(v, list) and len(v) == n}
 
     def policy(dataset, what):
-        return _length_policy(dataset, max_len=max_len, truncate=config.truncate_long_samples,
+        from training_hub.data.preference import length_policy
+
+        return length_policy(dataset, max_len=max_len, truncate=config.truncate_long_samples,
                               length_fn=lambda ex: len(ex["input_ids"]), truncate_fn=truncate, what=what)
 
     trainer.train_dataset, dropped = policy(trainer.train_dataset, "sft (trl)")
     if trainer.eval_dataset is not None:
         trainer.eval_dataset, _ = policy(trainer.eval_dataset, "sft (trl) validation")
     return dropped
-
-
-def _dpo_length_policy(dataset, config, what: str):
-    """Keep the last ``max_prompt_length`` prompt tokens, then drop/truncate pairs longer than max_length."""
-    if config.max_prompt_length is not None:
-        keep = config.max_prompt_length
-        dataset = dataset.map(lambda ex: {"prompt_ids": ex["prompt_ids"][-keep:]})
-    max_len = config.effective_max_length
-
-    def length(ex):
-        return len(ex["prompt_ids"]) + max(len(ex["chosen_ids"]), len(ex["rejected_ids"]))
-
-    def truncate(ex):
-        room = max_len - len(ex["prompt_ids"])
-        return {"chosen_ids": ex["chosen_ids"][:room], "rejected_ids": ex["rejected_ids"][:room]}
-
-    return _length_policy(dataset, max_len=max_len, truncate=config.truncate_long_samples, length_fn=length,
-                          truncate_fn=truncate, what=what)
 
 
 # ------------------------------------------------------------------------------------------------ running
@@ -320,17 +286,27 @@ def _metrics_callback(path: Path, keep_through_step: int | None):
             self.last: dict = {}
             self.last_validation: dict = {}
 
-        def on_log(self, args, state, control, logs=None, **kwargs):
-            if not state.is_world_process_zero or not logs:
-                return
+        def record(self, state, logs):
+            """(kind, metrics.jsonl record) of a Trainer log, or None for logs that are not a step's metrics."""
+            if not logs:
+                return None
             kind = "validation" if any(k.startswith("eval_") for k in logs) else "train"
             if kind == "train" and "loss" not in logs:  # the end-of-training summary (train_runtime, ...)
-                return
+                return None
             record = {"type": kind, "step": state.global_step}
             for key, value in logs.items():
                 name = key[len("eval_"):] if kind == "validation" and key.startswith("eval_") else key
                 record[_LOG_KEYS.get(name, name.replace("/", "_"))] = value
             record["elapsed"] = round(time.perf_counter() - self.start, 4)
+            return kind, record
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if not state.is_world_process_zero:
+                return
+            found = self.record(state, logs)
+            if not found:
+                return
+            kind, record = found
             with open(path, "a", encoding="utf-8") as f:
                 f.write(json.dumps(record) + "\n")
             if kind == "train":
@@ -412,6 +388,7 @@ class _TRLBackend(Backend):
 
     algorithm: ClassVar[str]
     needs: ClassVar[tuple[str, ...]] = ("torch", "transformers", "datasets", "trl", "accelerate")
+    upstream_handles: ClassVar[tuple[str, ...]] = ("use_liger",)  # on CUDA; see training_hub.compat
     install_hint: ClassVar[str] = "pip install training-hub[trl]"
 
     @classmethod
@@ -480,16 +457,20 @@ class TRLSFTBackend(_TRLBackend):
             assistant_only_loss=True, max_length=None, packing=False, dataset_num_proc=None,
             **_eval_arguments(config, validation is not None))
         callback = _metrics_callback(root / METRICS_FILE, _resume_step(resume_from))
+        bridge = hub_bridge(config, callback.record)  # TrainingHubCallback hooks
         trainer = SFTTrainer(
             model=model, args=args, processing_class=tokenizer,
             train_dataset=Dataset.from_list(train),
             eval_dataset=Dataset.from_list(validation) if validation else None,
-            peft_config=self.peft_config(config, model), callbacks=[callback])
+            peft_config=self.peft_config(config, model), callbacks=[callback, bridge])
         dropped = _sft_length_policy(trainer, config)
         path, metrics, _ = _train_and_save(trainer, config, root, resume_from, callback,
                                            cast_back=not self.saves_adapter)
+        bridge.saved(path)
         metrics["dropped_or_truncated_samples"] = dropped
-        return self._result(config, trainer, path, metrics, root)
+        result = self._result(config, trainer, path, metrics, root)
+        bridge.end(result)
+        return result
 
     def _result(self, config, trainer, path, metrics, root):
         from training_hub.result import TrainingResult
@@ -595,18 +576,24 @@ class TRLDPOBackend(_TRLBackend):
             beta=config.beta, loss_type=[config.loss_type], max_length=None, precompute_ref_log_probs=False,
             **_eval_arguments(config, validation is not None))
         callback = _metrics_callback(root / METRICS_FILE, _resume_step(resume_from))
+        bridge = hub_bridge(config, callback.record)  # TrainingHubCallback hooks
         trainer = DPOTrainer(model=model, args=args, processing_class=tokenizer,
                              train_dataset=preference_dataset(train),
                              eval_dataset=preference_dataset(validation) if validation else None,
-                             callbacks=[callback])
-        trainer.train_dataset, dropped = _dpo_length_policy(trainer.train_dataset, config, "dpo (trl)")
+                             callbacks=[callback, bridge])
+        from training_hub.data.preference import preference_length_policy
+
+        trainer.train_dataset, dropped = preference_length_policy(trainer.train_dataset, config, "dpo (trl)")
         if trainer.eval_dataset is not None:
-            trainer.eval_dataset, _ = _dpo_length_policy(trainer.eval_dataset, config, "dpo (trl) validation")
+            trainer.eval_dataset, _ = preference_length_policy(trainer.eval_dataset, config, "dpo (trl) validation")
         path, metrics, last = _train_and_save(trainer, config, root, resume_from, callback)
+        bridge.saved(path)
         metrics.update(dropped_or_truncated_samples=dropped, final_reward_margin=last.get("reward_margin"),
                        final_reward_accuracy=last.get("reward_accuracy"))
-        return TrainingResult(status="success", checkpoint_path=str(path) if path else None, metrics=metrics,
-                              output_dir=str(root))
+        result = TrainingResult(status="success", checkpoint_path=str(path) if path else None, metrics=metrics,
+                                output_dir=str(root))
+        bridge.end(result)
+        return result
 
 
 def preference_dataset(pairs: list[dict]):
@@ -618,14 +605,6 @@ def preference_dataset(pairs: list[dict]):
     """
     from datasets import Dataset
 
-    rows = []
-    for pair in pairs:
-        conversational = any(isinstance(pair[k], list) for k in ("prompt", "chosen", "rejected"))
-        if not conversational:
-            rows.append(dict(pair))
-            continue
-        prompt = pair["prompt"] if isinstance(pair["prompt"], list) else [{"role": "user", "content": pair["prompt"]}]
-        rows.append({"prompt": prompt, **{k: pair[k] if isinstance(pair[k], list)
-                                          else [{"role": "assistant", "content": pair[k]}]
-                                          for k in ("chosen", "rejected")}})
-    return Dataset.from_list(rows)
+    from training_hub.data.preference import uniform_pair
+
+    return Dataset.from_list([uniform_pair(pair) for pair in pairs])

@@ -25,12 +25,15 @@ class ModelIOParams(DeclaredConfig):
     validation_split: float = param(0.0, "Fraction of the training data held out for validation when no validation_data_path.", ge=0.0, lt=1.0)
     eval_steps: Optional[int] = param(None, "Also compute the validation loss every N optimizer steps.", gt=0)
     trust_remote_code: bool = param(False, "Allow model code from the model directory (transformers' trust_remote_code).")
+    validation_frequency: Optional[int] = param(None, "Upstream name of eval_steps (used when eval_steps is not given).", gt=0)
+    use_processed_dataset: bool = param(False, "Upstream: data_path is already tokenized (input_ids/labels). Not read here: "
+                                               "data is always validated and tokenized by training_hub (ignored, with a warning).")
 
     def checks(self) -> list[str]:
         problems = super().checks()
         if self.validation_data_path and self.validation_split > 0:
             problems.append("validation_split: give either validation_data_path or validation_split, not both")
-        if self.eval_steps and not (self.validation_data_path or self.validation_split > 0):
+        if (self.eval_steps or self.validation_frequency) and not (self.validation_data_path or self.validation_split > 0):
             problems.append("eval_steps: needs validation data (validation_data_path or validation_split > 0)")
         return problems
 
@@ -113,6 +116,9 @@ class CheckpointParams(DeclaredConfig):
     save_final_checkpoint: bool = param(True, "Save a checkpoint when training ends.")
     resume: bool = param(False, "Continue from the newest complete training state in ckpt_output_dir.")
     keep_last_n_checkpoints: Optional[int] = param(None, "Keep only the newest N intermediate checkpoints (None: keep all).", gt=0)
+    keep_last_checkpoint_only: bool = param(False, "Upstream: keep only the newest checkpoint (same as keep_last_n_checkpoints=1).")
+    accelerate_full_state_at_epoch: bool = param(True, "Upstream: save the full training state for resuming. The native engine "
+                                                       "always writes it with every checkpoint; False is ignored with a warning.")
 
 
 @dataclass(kw_only=True)
@@ -128,6 +134,18 @@ class LoggingParams(DeclaredConfig):
     mlflow_tracking_uri: Optional[str] = param(None, "MLflow tracking URI (a local file:// store works without a server).")
     mlflow_experiment_name: Optional[str] = param(None, "MLflow experiment name.")
     mlflow_run_name: Optional[str] = param(None, "MLflow run name.")
+    callbacks: Optional[list] = param(None, "TrainingHubCallback objects (or one) whose hooks the run calls: train begin, "
+                                            "step end, evaluate, save, train end.", cli=False)
+
+    def checks(self) -> list[str]:
+        problems = super().checks()
+        if self.callbacks:
+            from training_hub.callbacks import TrainingHubCallback
+
+            bad = [type(c).__name__ for c in self.callbacks if not isinstance(c, TrainingHubCallback)]
+            if bad:
+                problems.append(f"callbacks: expected TrainingHubCallback instances, got {', '.join(bad)}")
+        return problems
 
 
 @dataclass(kw_only=True)

@@ -1,0 +1,64 @@
+"""The trl backends' side of :mod:`training_hub.callbacks`: a thin ``transformers.TrainerCallback`` bridge.
+
+``HubCallbackBridge`` turns the Trainer's events into TrainingHubCallback hooks:
+
+* ``on_train_begin``  -> ``on_train_begin(ctx)``
+* ``on_log``          -> ``on_step_end(ctx, record)`` / ``on_evaluate(ctx, record)``, with the same record that
+                         metrics.jsonl gets (our key names, see ``trl.log_record``)
+* ``on_save``         -> ``on_save(ctx, <trl_state>/checkpoint-<step>)`` (TRL's intermediate checkpoints)
+* the backend calls ``saved(path)`` for the final ``hf_format/samples_<N>`` and ``end(result)`` with the result.
+
+Hooks run on the main process only.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from training_hub.callbacks import CallbackList, make_context
+
+
+def hub_bridge(config, record_fn):
+    """A TrainerCallback calling ``config.callbacks``; ``record_fn(state, logs)`` -> (kind, record) or None."""
+    from transformers import TrainerCallback
+
+    class HubCallbackBridge(TrainerCallback):
+        def __init__(self):
+            self.hub = CallbackList(config.callbacks)
+            self.ctx = make_context(config, "trl")
+            self.main = True
+
+        def _sync(self, state) -> None:
+            self.main = state.is_world_process_zero
+            self.ctx.step = state.global_step
+            self.ctx.epoch = float(state.epoch or 0.0)
+            self.ctx.samples_seen = state.global_step * config.effective_batch_size
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            self._sync(state)
+            self.ctx.total_steps = state.max_steps
+            if self.main:
+                self.hub.call("on_train_begin", self.ctx)
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            self._sync(state)
+            found = record_fn(state, logs) if self.main else None
+            if found:
+                kind, record = found
+                self.hub.call("on_evaluate" if kind == "validation" else "on_step_end", self.ctx, record)
+
+        def on_save(self, args, state, control, **kwargs):
+            self._sync(state)
+            if self.main:
+                self.hub.call("on_save", self.ctx, os.path.join(args.output_dir, f"checkpoint-{state.global_step}"))
+
+        def saved(self, path: Any) -> None:
+            if self.main and path is not None:
+                self.hub.call("on_save", self.ctx, str(path))
+
+        def end(self, result: Any) -> None:
+            if self.main:
+                self.hub.call("on_train_end", self.ctx, result)
+
+    return HubCallbackBridge()

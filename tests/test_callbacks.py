@@ -1,0 +1,114 @@
+"""TrainingHubCallback hooks fire with real values: native sft (train_sft), native lora (LoRAMethod), native dpo
+(train_dpo) and trl sft (through the TrainerCallback bridge), on short tiny-model runs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from training_hub import TrainingHubCallback, TrainingResult
+
+
+class Recorder(TrainingHubCallback):
+    def __init__(self):
+        self.events: list[tuple] = []
+
+    def on_train_begin(self, ctx):
+        self.events.append(("begin", ctx.algorithm, ctx.backend, ctx.step, ctx.total_steps, ctx.output_dir))
+
+    def on_step_end(self, ctx, metrics):
+        self.events.append(("step", ctx.step, metrics["step"], metrics["loss"], ctx.epoch))
+
+    def on_evaluate(self, ctx, metrics):
+        self.events.append(("evaluate", ctx.step, metrics["loss"]))
+
+    def on_save(self, ctx, checkpoint_path):
+        self.events.append(("save", ctx.step, checkpoint_path, Path(checkpoint_path).is_dir()))
+
+    def on_train_end(self, ctx, result):
+        self.events.append(("end", ctx.step, result))
+
+    def kinds(self) -> list[str]:
+        return [e[0] for e in self.events]
+
+
+@pytest.fixture(scope="module")
+def chat_path(tmp_path_factory):
+    from training_hub.tiny import demo_data_path
+
+    rows = demo_data_path().read_text().splitlines()[:16]
+    path = tmp_path_factory.mktemp("chat") / "chat.jsonl"
+    path.write_text("\n".join(rows) + "\n")
+    return path
+
+
+def check_run(recorder: Recorder, result, out: Path, *, algorithm: str, backend: str, steps: int):
+    kinds = recorder.kinds()
+    assert kinds[0] == "begin" and kinds[-1] == "end"
+    begin = recorder.events[0]
+    assert begin[1:4] == (algorithm, backend, 0) and begin[4] == steps and begin[5] == str(out)
+    train = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in train if r["type"] == "train"]
+    step_events = [e for e in recorder.events if e[0] == "step"]
+    # one on_step_end per metrics.jsonl line, with the same loss, and the context already at that step
+    assert [(e[1], e[2], e[3]) for e in step_events] == [(r["step"], r["step"], r["loss"]) for r in train]
+    assert step_events[-1][4] > 0  # epoch progress
+    saves = [e for e in recorder.events if e[0] == "save"]
+    assert saves and all(e[3] for e in saves)  # each path exists when the hook runs
+    assert saves[-1][2] == result.checkpoint_path
+    end = recorder.events[-1]
+    assert end[1] == steps and end[2] is result and isinstance(result, TrainingResult)
+    return saves
+
+
+def test_native_sft_hooks(tiny_model_dir, chat_path, tmp_path):
+    from training_hub import sft
+
+    recorder, out = Recorder(), tmp_path / "sft"
+    result = sft(str(tiny_model_dir), str(chat_path), str(out), callbacks=recorder, max_seq_len=256,
+                 effective_batch_size=4, save_samples=8, validation_split=0.25, eval_steps=2,
+                 learning_rate=1e-3, disable_progress_bar=True)  # 12 training samples: 3 steps
+    saves = check_run(recorder, result, out, algorithm="sft", backend="native", steps=3)
+    assert [Path(e[2]).name for e in saves] == ["samples_8", "samples_12"]  # every save_samples, and the final
+    evaluations = [e for e in recorder.events if e[0] == "evaluate"]
+    assert [e[1] for e in evaluations] == [2, 3] and all(e[2] > 0 for e in evaluations)  # eval_steps, epoch end
+
+
+def test_native_lora_and_dpo_hooks(tiny_model_dir, chat_path, tmp_path):
+    pytest.importorskip("peft")
+    from training_hub import dpo, lora_sft
+
+    recorder, out = Recorder(), tmp_path / "lora"
+    result = lora_sft(str(tiny_model_dir), str(chat_path), str(out), callbacks=[recorder], max_seq_len=256,
+                      effective_batch_size=8, max_steps=2, learning_rate=1e-3, disable_progress_bar=True)
+    check_run(recorder, result, out, algorithm="lora_sft", backend="native", steps=2)
+
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps({"prompt": f"Say {w}.", "chosen": w, "rejected": "no"}) + "\n"
+                             for w in ["yes", "hello", "blue", "seven"]))
+    recorder, out = Recorder(), tmp_path / "dpo"
+    result = dpo(str(tiny_model_dir), str(pairs), str(out), callbacks=[recorder], max_seq_len=64,
+                 effective_batch_size=2, max_steps=2, learning_rate=1e-3, disable_progress_bar=True)
+    check_run(recorder, result, out, algorithm="dpo", backend="native", steps=2)
+
+
+def test_trl_sft_hooks_through_the_bridge(tiny_model_dir, chat_path, tmp_path):
+    pytest.importorskip("trl")
+    from training_hub import sft
+
+    recorder, out = Recorder(), tmp_path / "trl"
+    result = sft(str(tiny_model_dir), str(chat_path), str(out), backend="trl", callbacks=recorder,
+                 max_seq_len=256, max_tokens_per_gpu=4 * 256, effective_batch_size=4, max_steps=2, save_samples=4,
+                 learning_rate=1e-3, disable_progress_bar=True)
+    saves = check_run(recorder, result, out, algorithm="sft", backend="trl", steps=2)
+    names = [Path(e[2]).name for e in saves]
+    assert names[:2] == ["checkpoint-1", "checkpoint-2"] and names[-1].startswith("samples_")
+
+
+def test_callbacks_must_be_callback_objects():
+    from training_hub import sft
+
+    with pytest.raises(ValueError, match="callbacks: expected TrainingHubCallback instances, got function"):
+        sft("/m", "/d", "/o", callbacks=[lambda ctx: None])
