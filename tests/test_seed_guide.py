@@ -120,3 +120,48 @@ def test_extension_package_sample(clean_registry, tmp_path, monkeypatch):
     ns = run(block_with("import my_extension  # Auto-registers"), {})
     assert ns["algo"].train(x=1) == {"status": "success", "x": 1}
     assert type(ns["algo"].backend).__name__ == "MyBackend"
+
+
+FILLED_GAPS = {
+    # "the obvious way": load the pairs with datasets, configure TRL for a short CPU run
+    "        # ... data loading logic ...\n":
+        "        from datasets import load_dataset\n"
+        "        from trl import DPOConfig\n"
+        "        dataset = load_dataset('json', data_files=data_path, split='train')\n",
+    "            # ... trainer configuration ...\n":
+        "            args=DPOConfig(output_dir=output_dir, beta=beta, max_steps=2, per_device_train_batch_size=2,\n"
+        "                           learning_rate=1e-3, use_cpu=True, bf16=False, report_to=[], save_strategy='no',\n"
+        "                           gradient_checkpointing=False),\n"
+        "            train_dataset=dataset,\n"
+        "            processing_class=tokenizer,\n",
+}
+
+
+@pytest.mark.slow
+def test_dpo_sample_with_its_gaps_filled_trains_with_trl(clean_registry, tmp_path, monkeypatch):
+    """The DPO example end to end: the guide's backend (gaps filled) really trains through TRL and replaces ours."""
+    import json
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from training_hub.tiny import make_tiny_model
+
+    monkeypatch.chdir(tmp_path)
+    make_tiny_model(tmp_path / "base_model")
+    pairs = [{"prompt": f"Say {w}.", "chosen": f"{w}.", "rejected": "No."} for w in ("yes", "hello", "ok", "fine")]
+    (tmp_path / "preference_data.jsonl").write_text("".join(json.dumps(p) + "\n" for p in pairs))
+
+    backend_code = block_with("class DPOBackend(Backend)")
+    for gap, filling in FILLED_GAPS.items():
+        assert gap in backend_code, f"the guide's DPO sample no longer has the gap {gap.strip()!r}"
+        backend_code = backend_code.replace(gap, filling)
+    ns = run(backend_code, {})
+    for marker in ("class DPOAlgorithm(Algorithm)", 'register_backend("dpo", "trl", DPOBackend)', "def dpo(",
+                   "# Using the convenience function"):
+        ns = run(block_with(marker), ns)
+    assert clean_registry.get_algorithm("dpo") is ns["DPOAlgorithm"]
+    assert ns["result"] == {"checkpoint_path": "./dpo_model"}
+    trained = AutoModelForCausalLM.from_pretrained(tmp_path / "dpo_model")
+    base = AutoModelForCausalLM.from_pretrained(tmp_path / "base_model")
+    assert any(not torch.equal(a, b) for a, b in zip(trained.parameters(), base.parameters()))
