@@ -40,7 +40,9 @@ from training_hub.engine.loss import packed_logits
 from training_hub.engine.metrics import MetricsWriter, peak_memory_bytes, progress_bar, step_record
 from training_hub.engine.reporter import RunReporter
 from training_hub.engine.schedule import build_scheduler
-from training_hub.engine.trainer import check_resume_matches, device_and_autocast, load_model, stop_on_sigterm
+from training_hub.engine.trainer import (
+    after_step, check_resume_matches, device_and_autocast, end_of_epoch, load_model, stop_on_sigterm,
+)
 from training_hub.losses.dpo import dpo_sigmoid_loss
 from training_hub.result import TrainingResult
 
@@ -317,11 +319,7 @@ def train_dpo(config) -> TrainingResult:
                                     progress["global_step"], total_steps, stats["loss"], stats["reward_margin"],
                                     stats["reward_accuracy"], lr, grad_norm)
 
-                    if config.eval_steps and progress["global_step"] % config.eval_steps == 0:
-                        validate()
-                    every = config.save_samples
-                    if every and progress["samples_seen"] // every > before // every:
-                        save(hf=True)
+                    after_step(config, progress, before, validate, save)
                     if sigterm["stop"]:
                         break
                 if sigterm["stop"]:
@@ -332,12 +330,7 @@ def train_dpo(config) -> TrainingResult:
                     break
                 if progress["step_in_epoch"] < len(steps):  # stopped by max_steps inside the epoch
                     break
-                progress["epoch"] += 1
-                progress["step_in_epoch"] = 0
-                if data.validation:
-                    validate()
-                if config.checkpoint_at_epoch:
-                    save(hf=True)
+                end_of_epoch(config, progress, bool(data.validation), validate, save)
 
             # -------------------------------------------------------------------------------------- save
             if status == "success" and config.save_final_checkpoint:

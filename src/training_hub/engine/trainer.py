@@ -181,6 +181,25 @@ def check_resume_matches(saved: dict, current: dict) -> None:
                          "be continued: " + "; ".join(changed) + ". Use the original values or a new ckpt_output_dir.")
 
 
+def after_step(config, progress: dict, samples_before: int, validate, save) -> None:
+    """The per-step schedule of our loops: validation every ``eval_steps``, a checkpoint every ``save_samples``."""
+    if config.eval_steps and progress["global_step"] % config.eval_steps == 0:
+        validate()
+    every = config.save_samples
+    if every and progress["samples_seen"] // every > samples_before // every:
+        save(hf=True)
+
+
+def end_of_epoch(config, progress: dict, has_validation: bool, validate, save) -> None:
+    """Advance to the next epoch; validate and (with ``checkpoint_at_epoch``) save the one just finished."""
+    progress["epoch"] += 1
+    progress["step_in_epoch"] = 0
+    if has_validation:
+        validate()
+    if config.checkpoint_at_epoch:
+        save(hf=True)
+
+
 # ---------------------------------------------------------------------------------------------------- train
 
 def train_sft(config, method: TrainingMethod | None = None) -> TrainingResult:
@@ -326,11 +345,7 @@ def train_sft(config, method: TrainingMethod | None = None) -> TrainingResult:
                         logger.info("step %d/%d loss %.4f lr %.3g grad_norm %.3f %.0f tok/s", progress["global_step"],
                                     total_steps, loss, lr, grad_norm, record["tokens_per_second"])
 
-                    if config.eval_steps and progress["global_step"] % config.eval_steps == 0:
-                        validate()
-                    every = config.save_samples
-                    if every and progress["samples_seen"] // every > before // every:
-                        save(hf=True)
+                    after_step(config, progress, before, validate, save)
                     if sigterm["stop"]:
                         break
                 if sigterm["stop"]:
@@ -341,12 +356,7 @@ def train_sft(config, method: TrainingMethod | None = None) -> TrainingResult:
                     break
                 if progress["step_in_epoch"] < len(steps):  # stopped by max_steps inside the epoch
                     break
-                progress["epoch"] += 1
-                progress["step_in_epoch"] = 0
-                if data.validation is not None:
-                    validate()
-                if config.checkpoint_at_epoch:
-                    save(hf=True)
+                end_of_epoch(config, progress, data.validation is not None, validate, save)
 
             # -------------------------------------------------------------------------------------- save
             if status == "success" and config.save_final_checkpoint:
