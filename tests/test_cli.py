@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from training_hub import AlgorithmRegistry, Availability, Backend
@@ -31,7 +33,8 @@ def test_list_shows_availability_and_reason(clean_registry, capsys):
     AlgorithmRegistry.register_backend("sft", "nogo", NoGo)
     assert main(["list"]) == 0
     out = capsys.readouterr().out
-    assert "sft        native (default)  yes" in out
+    assert re.search(r"sft +native \(default\) +yes", out)
+    assert re.search(r"sft +instructlab-training +no: .*(CUDA|pip install)", out)
     assert "nogo" in out and "no: needs CUDA" in out
 
 

@@ -83,9 +83,10 @@ def _cuda() -> bool:
     return torch.cuda.is_available()
 
 
-def _liger_ignored(value, backend_cls) -> bool:
-    handled = "use_liger" in getattr(backend_cls, "upstream_handles", ())
-    return bool(value) and not (handled and _cuda())
+def _handled(name: str, backend_cls) -> bool:
+    """A backend lists in ``upstream_handles`` the upstream names it gives effect to on a CUDA machine (the trl
+    backend: ``use_liger``; the instructlab-training and mini-trainer adapters, which run on CUDA only: theirs)."""
+    return name in getattr(backend_cls, "upstream_handles", ()) and _cuda()
 
 
 def _truthy(value, backend_cls) -> bool:
@@ -106,15 +107,16 @@ def _false(value, backend_cls) -> bool:
 
 # name -> (is_ignored(value, backend_class), why)
 IGNORED: dict[str, tuple[Callable[[Any, type], bool], str]] = {
-    "use_liger": (_liger_ignored, "Liger kernels are CUDA-only and used only by the trl backend on a CUDA machine; "
-                                  "the native engine has no Liger integration (it already skips full-vocabulary "
-                                  "logits for prompt tokens)"),
+    "use_liger": (_truthy, "Liger kernels are CUDA-only and used only by the trl, instructlab-training and "
+                           "mini-trainer backends on a CUDA machine; the native engine has no Liger integration (it "
+                           "already skips full-vocabulary logits for prompt tokens)"),
     "use_processed_dataset": (_truthy, "training_hub always validates and tokenizes data_path itself (cached under "
                                        "data_output_dir); give the chat or pretraining records, not input_ids/labels"),
     "accelerate_full_state_at_epoch": (_false, "the native engine always writes the full training state with every "
                                                "checkpoint (resume=True needs it)"),
     "osft_memory_efficient_init": (_truthy, "the native engine has no separate memory-efficient initialisation mode "
-                                            "(the model is loaded once, then its targets are decomposed in place)"),
+                                            "(the model is loaded once, then its targets are decomposed in place), "
+                                            "and mini-trainer 0.9 has no such option"),
     "save_best_val_loss": (_truthy, "best-validation-loss checkpoints are not implemented; use eval_steps with "
                                     "save_samples and pick from metrics.jsonl"),
     "fp16": (_truthy, "float16 training is not supported; use dtype='bfloat16' (or bf16=True)"),
@@ -164,7 +166,8 @@ def apply(config, given: dict[str, Any], backend_cls: type, *, what: str) -> tup
         names += [n for n in updates if n not in names]
     for name in given:
         rule = IGNORED.get(name)
-        if rule and name in fields and rule[0](getattr(config, name), backend_cls):
+        if (rule and name in fields and rule[0](getattr(config, name), backend_cls)
+                and not _handled(name, backend_cls)):
             warnings.warn(f"{name}={getattr(config, name)!r} is ignored: {rule[1]}.", UpstreamParameterWarning,
                           stacklevel=4)
     return config, names

@@ -23,11 +23,11 @@ class OSFTParams(DeclaredConfig):
     freeze_non_targets: bool = param(
         False, "Also freeze every non-target parameter (embeddings, norms, biases); default: they train as in SFT.")
     osft_memory_efficient_init: bool = param(
-        False, "Upstream mini-trainer option for loading very large models; the native engine has no such mode "
-               "(ignored, with a warning).")
+        False, "Upstream option for loading very large models; neither the native engine nor mini-trainer 0.9 has "
+               "such a mode (ignored, with a warning).")
     save_best_val_loss: bool = param(
-        False, "Upstream mini-trainer option: also save when the validation loss improves (ignored, with a warning; "
-               "use eval_steps with save_samples instead).")
+        False, "Upstream mini-trainer option: also save when the validation loss improves (mini-trainer backend; "
+               "ignored by native, with a warning: use eval_steps with save_samples instead).")
 
 
 @dataclass(kw_only=True)
@@ -40,7 +40,8 @@ class OSFTAlgorithm(DeclaredAlgorithm):
 
     name = "osft"
     config_class = OSFTConfig
-    backend_preference = ("native",)
+    # The upstream default where it can run (CUDA and the extra installed), else our engine.
+    backend_preference = ("mini-trainer", "native")
 
 
 osft = convenience_function(OSFTAlgorithm, "Orthogonal subspace fine-tuning (continual learning without "

@@ -18,7 +18,8 @@ class SFTAlgorithm(DeclaredAlgorithm):
 
     name = "sft"
     config_class = SFTConfig
-    backend_preference = ("native",)
+    # The upstream default where it can run (CUDA and the extra installed), else our engine.
+    backend_preference = ("instructlab-training", "native")
 
 
 sft = convenience_function(SFTAlgorithm, "Supervised fine-tuning of a causal language model on chat or text data.")

@@ -26,8 +26,9 @@ class ModelIOParams(DeclaredConfig):
     eval_steps: Optional[int] = param(None, "Also compute the validation loss every N optimizer steps.", gt=0)
     trust_remote_code: bool = param(False, "Allow model code from the model directory (transformers' trust_remote_code).")
     validation_frequency: Optional[int] = param(None, "Upstream name of eval_steps (used when eval_steps is not given).", gt=0)
-    use_processed_dataset: bool = param(False, "Upstream: data_path is already tokenized (input_ids/labels). Not read here: "
-                                               "data is always validated and tokenized by training_hub (ignored, with a warning).")
+    use_processed_dataset: bool = param(False, "Upstream: data_path is already tokenized (input_ids/labels). Passed through by "
+                                               "the instructlab-training and mini-trainer backends; native and trl always "
+                                               "tokenize themselves (ignored there, with a warning).")
 
     def checks(self) -> list[str]:
         problems = super().checks()
@@ -117,8 +118,9 @@ class CheckpointParams(DeclaredConfig):
     resume: bool = param(False, "Continue from the newest complete training state in ckpt_output_dir.")
     keep_last_n_checkpoints: Optional[int] = param(None, "Keep only the newest N intermediate checkpoints (None: keep all).", gt=0)
     keep_last_checkpoint_only: bool = param(False, "Upstream: keep only the newest checkpoint (same as keep_last_n_checkpoints=1).")
-    accelerate_full_state_at_epoch: bool = param(True, "Upstream: save the full training state for resuming. The native engine "
-                                                       "always writes it with every checkpoint; False is ignored with a warning.")
+    accelerate_full_state_at_epoch: bool = param(True, "Upstream: save the full training state for resuming (instructlab-training "
+                                                       "backend). The native engine always writes it with every checkpoint; "
+                                                       "False is ignored there, with a warning.")
 
 
 @dataclass(kw_only=True)

@@ -1,0 +1,143 @@
+"""The ``mini-trainer`` backend of ``osft``: Red Hat AI Innovation's mini-trainer runs the OSFT training.
+
+Install with ``pip install 'training-hub[mini-trainer]'`` (package ``rhai-innovation-mini-trainer``); it trains on
+CUDA GPUs only (FSDP2), so ``is_available()`` is False elsewhere and the default backend falls to ``native``.
+Where it can run it is the default of ``osft()``, as in the upstream Training Hub.
+
+What stays ours (see :mod:`training_hub.backends.upstream_bridge`): parameter validation and defaults, data
+validation and tokenization (mini-trainer does none of its own; upstream borrows instructlab-training's, we use
+ours, so this backend does not need instructlab-training installed), metrics.jsonl, the shared loggers and
+``TrainingHubCallback`` hooks. :func:`mini_trainer_args` is the whole translation.
+
+How our parameters map (``TrainingArgs`` field in brackets):
+
+* ``model_path`` [model_name_or_path], ``ckpt_output_dir`` [output_dir], ``effective_batch_size`` [batch_size],
+  ``warmup_steps`` [num_warmup_steps], ``num_epochs`` [max_epochs], ``max_steps`` [training_mode=STEP, max_steps],
+  ``save_samples`` [min_samples_per_checkpoint], ``eval_steps`` [validation_frequency], ``use_liger``
+  [use_liger_kernels], ``unfreeze_rank_ratio`` [osft_unfreeze_rank_ratio], ``target_patterns``
+  [osft_target_patterns]; ``osft=True``; validation data (a split or ``validation_data_path``) is also evaluated
+  at every epoch end [validate_at_epoch], as in the native engine.
+* Schedules go to ``transformers.get_scheduler``: ``constant`` becomes ``constant_with_warmup`` when there is a
+  warmup, cosine with ``lr_scheduler_kwargs={'min_lr_ratio': r}`` becomes ``cosine_with_min_lr``.
+* Refused, when given with another value: ``max_grad_norm`` other than 1.0 (mini-trainer clips at 1.0),
+  ``dtype='bfloat16'`` (mini-trainer's bfloat16 mode keeps the weights themselves in bfloat16, with no float32
+  master copy), ``strategy='ddp'`` (it always shards with FSDP2), ``resume``, ``keep_last_n_checkpoints``,
+  ``freeze_non_targets``, ``gradient_checkpointing``, ``lr_scheduler_kwargs`` other than ``min_lr_ratio`` with
+  cosine.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict
+
+from training_hub.backends.upstream_bridge import (
+    Rules, UpstreamData, refuse_unsupported, run_upstream, torchrun_fields, upstream_availability,
+)
+from training_hub.registry import Availability, Backend
+
+NAME = "mini-trainer"
+
+
+def _schedule_kwargs_fine(value, config) -> bool:
+    return not value or (set(value) == {"min_lr_ratio"} and config.lr_scheduler == "cosine")
+
+
+RULES: Rules = {
+    "max_grad_norm": (lambda v, c: v == 1.0, "mini-trainer clips the gradient norm at 1.0"),
+    "dtype": (lambda v, c: v in ("auto", "float32"),
+              "mini-trainer's bfloat16 mode keeps the weights themselves in bfloat16 (no float32 master copy); "
+              "leave dtype out for its float32 weights with mixed-precision compute"),
+    "strategy": (lambda v, c: v == "fsdp2", "mini-trainer always shards the model with FSDP2"),
+    "resume": (lambda v, c: not v, "resuming a run is not wired into the mini-trainer adapter"),
+    "keep_last_n_checkpoints": (lambda v, c: v is None, "mini-trainer keeps every checkpoint"),
+    "freeze_non_targets": (lambda v, c: not v, "mini-trainer trains every non-target parameter"),
+    "gradient_checkpointing": (lambda v, c: not v, "mini-trainer has no activation recomputation option"),
+    "save_best_val_loss": (lambda v, c: not v or c.validation_split > 0 or c.validation_data_path is not None,
+                           "saving on a better validation loss needs validation data (validation_split or "
+                           "validation_data_path)"),
+    "lr_scheduler_kwargs": (_schedule_kwargs_fine, "mini-trainer takes {'min_lr_ratio': r} with the cosine "
+                                                   "schedule only"),
+}
+
+
+def _schedule(config) -> tuple[str, dict]:
+    kwargs = config.lr_scheduler_kwargs or {}
+    if config.lr_scheduler == "cosine" and "min_lr_ratio" in kwargs:
+        return "cosine_with_min_lr", {"min_lr_rate": float(kwargs["min_lr_ratio"])}
+    if config.lr_scheduler == "constant" and config.warmup_steps:
+        return "constant_with_warmup", {}
+    return config.lr_scheduler, {}
+
+
+def mini_trainer_args(config, data: UpstreamData):
+    """Our validated ``OSFTConfig`` (with the prepared data) as ``(TrainingArgs, TorchrunArgs)`` of
+    ``mini_trainer``."""
+    from mini_trainer import PretrainingConfig, TorchrunArgs, TrainingArgs, TrainingMode
+
+    from training_hub.backends.upstream_events import TrainingHubEvents
+
+    scheduler, scheduler_kwargs = _schedule(config)
+    has_validation = config.validation_split > 0 or data.validation_path is not None
+    fields: Dict[str, Any] = dict(
+        model_name_or_path=config.model_path,
+        data_path=data.train_path,
+        output_dir=config.ckpt_output_dir,
+        batch_size=config.effective_batch_size,
+        max_tokens_per_gpu=config.max_tokens_per_gpu or config.max_seq_len,
+        learning_rate=config.learning_rate,
+        num_warmup_steps=config.warmup_steps,
+        lr_scheduler=scheduler,
+        lr_scheduler_kwargs=scheduler_kwargs,
+        seed=config.seed,
+        beta1=config.beta1,
+        beta2=config.beta2,
+        eps=config.eps,
+        weight_decay=config.weight_decay,
+        use_liger_kernels=config.use_liger,
+        osft=True,
+        osft_unfreeze_rank_ratio=config.unfreeze_rank_ratio,
+        osft_target_patterns=config.target_patterns,
+        min_samples_per_checkpoint=config.save_samples or None,
+        training_mode=TrainingMode.STEP if config.max_steps else TrainingMode.EPOCH,
+        max_epochs=config.num_epochs,
+        max_steps=config.max_steps or 0,
+        checkpoint_at_epoch=config.checkpoint_at_epoch,
+        save_final_checkpoint=config.save_final_checkpoint,
+        validation_split=config.validation_split if data.validation_path is None else 0.0,
+        validation_data_path=data.validation_path,
+        validation_frequency=config.eval_steps if has_validation else None,
+        validate_at_epoch=has_validation,
+        save_best_val_loss=config.save_best_val_loss,
+        trust_remote_code=config.trust_remote_code,
+        callbacks=[TrainingHubEvents()],
+    )
+    if config.dtype == "float32":
+        fields["train_dtype"] = "float32"
+    if config.is_pretraining and data.pretokenized:
+        fields["pretraining_config"] = PretrainingConfig(block_size=config.block_size or config.max_seq_len)
+    return TrainingArgs(**fields), TorchrunArgs(**torchrun_fields(config))
+
+
+class MiniTrainerOSFTBackend(Backend):
+    """OSFT through ``mini_trainer.run_training`` (CUDA only)."""
+
+    upstream_handles = ("use_liger", "use_processed_dataset", "save_best_val_loss")  # see training_hub.compat
+
+    @classmethod
+    def is_available(cls) -> Availability:
+        return upstream_availability("mini_trainer", "rhai-innovation-mini-trainer", "mini-trainer", NAME)
+
+    def execute_training(self, algorithm_params: Dict[str, Any]) -> Any:
+        from training_hub.algorithms.osft import OSFTConfig
+        from training_hub.config.declare import validate_params
+
+        config = validate_params(OSFTConfig, algorithm_params, what=f"the {NAME} osft backend")
+        refuse_unsupported(config, set(algorithm_params), RULES, NAME)
+
+        def launch(data: UpstreamData) -> None:
+            from mini_trainer import run_training
+
+            train_args, torch_args = mini_trainer_args(config, data)
+            run_training(torch_args=torch_args, train_args=train_args)
+
+        return run_upstream(config, backend=NAME, launch=launch)

@@ -1,0 +1,338 @@
+"""What the adapter backends (``instructlab-training`` for sft, ``mini-trainer`` for osft) share.
+
+An adapter hands the training itself to an upstream engine and keeps the rest of the run ours, so a call behaves
+the same whichever backend runs it:
+
+1. **Availability** (:func:`upstream_availability`): the upstream package is installed (an optional extra) *and*
+   CUDA is present. Both engines train on CUDA GPUs only, so without CUDA ``is_available()`` is False with the
+   reason, and the default backend falls to ``native``.
+2. **Parameters**: the algorithm validates the call against our declaration first (same defaults, same errors);
+   each adapter then translates the typed config into the upstream ``TrainingArgs`` / ``TorchrunArgs`` in one
+   pure function, and refuses -- in one :class:`ParameterError`, before any work -- the parameters the caller gave
+   that the upstream engine cannot honour (:func:`refuse_unsupported`).
+3. **Data** (:func:`prepare_upstream_data`): our pipeline validates (file:line errors), tokenizes with exact loss
+   masks, applies our length policy and caches; the result is written as the tokenized JSONL both engines read
+   (``input_ids``, ``labels``, ``len``, ``num_loss_counted_tokens``). ``use_processed_dataset=True`` passes an
+   already tokenized ``data_path`` through untouched, as upstream does.
+4. **Reporting** (:func:`run_upstream`): the upstream engine gets one extra callback
+   (:class:`~training_hub.backends.upstream_events.TrainingHubEvents`) whose rank-0 copy appends its events to a
+   file; this process follows the file while the run goes and feeds a :class:`RunReporter`: metrics.jsonl in our
+   schema, the shared loggers (TensorBoard, MLflow, W&B) and the user's ``TrainingHubCallback`` hooks, called in
+   the calling process as the steps arrive. An exception in a hook stops the run (the upstream processes are
+   terminated) and is raised.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+import logging
+import os
+import signal
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from training_hub.config.declare import ParameterError
+from training_hub.registry import Availability
+
+logger = logging.getLogger("training_hub")
+
+EVENTS_ENV = "TRAINING_HUB_UPSTREAM_EVENTS"
+EVENTS_FILE = "upstream_events.jsonl"
+DATA_DIR = "upstream"  # under the data cache: data.jsonl (+ validation.jsonl) in the upstream engines' format
+POLL_SECONDS = 0.5
+
+
+# ------------------------------------------------------------------------------------------------ availability
+
+
+def upstream_availability(module: str, distribution: str, extra: str, engine: str) -> Availability:
+    """Installed (``module`` importable) and CUDA present; otherwise the reason, with what to do about it."""
+    if importlib.util.find_spec(module.split(".")[0]) is None or importlib.util.find_spec(module) is None:
+        return Availability(False, f"needs {distribution} (pip install 'training-hub[{extra}]')")
+    if importlib.util.find_spec("torch") is None:
+        return Availability(False, "needs torch")
+    import torch
+
+    if not torch.cuda.is_available():
+        return Availability(False, f"{engine} trains on CUDA GPUs only and torch.cuda.is_available() is False "
+                                   "here; the native backend runs on this machine")
+    return Availability(True)
+
+
+# ------------------------------------------------------------------------------------------------ parameters
+
+# name -> (fine(value, config) -> bool, why). Checked only for the names the caller gave.
+Rules = dict[str, tuple[Callable[[Any, Any], bool], str]]
+
+
+def refuse_unsupported(config, given: set[str], rules: Rules, backend: str) -> None:
+    """One ParameterError naming every given parameter the upstream engine cannot honour, and the way out."""
+    problems = [f"{name}={getattr(config, name)!r}: {why}" for name, (fine, why) in rules.items()
+                if name in given and not fine(getattr(config, name), config)]
+    if problems:
+        problems.append(f"backend='native' supports all of these; or leave them out to use {backend}")
+        raise ParameterError(f"the {backend} backend", problems)
+
+
+def torchrun_fields(config) -> dict[str, Any]:
+    """Our distributed parameters (with cluster ``PET_*`` values, see ``engine.launch``) as upstream TorchrunArgs
+    fields. ``nproc_per_node='auto'`` stays torchrun's ``'gpu'``: one process per GPU of the node."""
+    from training_hub.engine.launch import launch_plan
+
+    auto = config.nproc_per_node == "auto" and not os.environ.get("PET_NPROC_PER_NODE")
+    plan = launch_plan(dataclasses.replace(config, nproc_per_node=1) if auto else config)
+    return {"nproc_per_node": "gpu" if auto else plan.nproc_per_node, "nnodes": plan.nnodes,
+            "node_rank": plan.node_rank, "rdzv_id": plan.rdzv_id or "training_hub",
+            "rdzv_endpoint": plan.rdzv_endpoint, "master_addr": plan.master_addr, "master_port": plan.master_port}
+
+
+# ------------------------------------------------------------------------------------------------ data
+
+
+@dataclass
+class UpstreamData:
+    """Tokenized data in the upstream engines' JSONL format."""
+
+    train_path: str
+    validation_path: str | None = None
+    pretokenized: bool = False  # the caller's own tokenized file (use_processed_dataset=True)
+
+    @property
+    def directory(self) -> str:
+        return str(Path(self.train_path).parent)
+
+
+def _check_pretokenized(path: str, what: str) -> None:
+    from training_hub.data.errors import DataProblem, DataValidationError
+
+    file = Path(path)
+    if not file.is_file():
+        raise DataValidationError([DataProblem(str(file), 0, what, "no such file",
+                                               "a .jsonl file of tokenized samples (use_processed_dataset=True)")])
+    with open(file, encoding="utf-8") as handle:
+        first = handle.readline()
+    try:
+        record = json.loads(first)
+    except json.JSONDecodeError as exc:
+        raise DataValidationError([DataProblem(str(file), 1, what, f"not JSON ({exc.msg})",
+                                               "one JSON object per line")]) from None
+    if not isinstance(record, dict) or not isinstance(record.get("input_ids"), list):
+        raise DataValidationError([DataProblem(
+            str(file), 1, "input_ids", "missing", "tokenized records {'input_ids': [...], 'labels': [...]} "
+            "(use_processed_dataset=True), or leave use_processed_dataset out to give chat/pretraining records")])
+
+
+def write_upstream_jsonl(dataset, path: Path) -> None:
+    """Write our prepared samples (input_ids, labels, length) as the upstream JSONL, atomically."""
+    def counts(batch):
+        return {"num_loss_counted_tokens": [sum(1 for t in labels[1:] if t != -100) for labels in batch["labels"]]}
+
+    table = dataset.select_columns(["input_ids", "labels", "length"]).rename_column("length", "len")
+    table = table.map(counts, batched=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    table.to_json(str(tmp), lines=True)
+    os.replace(tmp, path)
+
+
+def prepare_upstream_data(config, root: Path) -> UpstreamData:
+    """Validate and tokenize with our pipeline, then write the upstream engines' JSONL (see the module doc).
+
+    The validation split is left to the upstream engine (it gets ``validation_split``); a separate
+    ``validation_data_path`` is prepared the same way as the training data.
+    """
+    cache = Path(config.data_output_dir) if config.data_output_dir else root / "data_cache"
+    out = cache / DATA_DIR
+    if config.use_processed_dataset:
+        _check_pretokenized(config.data_path, "data_path")
+        if config.validation_data_path:
+            _check_pretokenized(config.validation_data_path, "validation_data_path")
+        # instructlab-training reads <data_output_dir>/data.jsonl whatever data_path says: link the file there
+        out.mkdir(parents=True, exist_ok=True)
+        link = out / "data.jsonl"
+        link.unlink(missing_ok=True)
+        link.symlink_to(Path(config.data_path).resolve())
+        return UpstreamData(str(link), config.validation_data_path, pretokenized=True)
+    from transformers import AutoTokenizer
+
+    from training_hub.engine.trainer import prepare_data
+
+    tokenizer = AutoTokenizer.from_pretrained(config.model_path, trust_remote_code=config.trust_remote_code)
+    data = prepare_data(dataclasses.replace(config, validation_split=0.0), tokenizer, root)
+    write_upstream_jsonl(data.train, out / "data.jsonl")
+    validation = None
+    if data.validation is not None:
+        validation = out / "validation.jsonl"
+        write_upstream_jsonl(data.validation, validation)
+    return UpstreamData(str(out / "data.jsonl"), validation and str(validation))
+
+
+# ------------------------------------------------------------------------------------------------ the run
+
+
+class EventFollower:
+    """Turns the upstream events (JSON lines from ``TrainingHubEvents``) into our records and hooks."""
+
+    def __init__(self, path: Path, reporter):
+        self.path, self.reporter = path, reporter
+        self.offset = 0
+        self.samples = self.tokens = 0
+        self.started = time.perf_counter()
+        self.last_loss: float | None = None
+        self.steps = 0
+
+    def poll(self) -> None:
+        """Handle every complete line appended since the last call."""
+        if not self.path.exists():
+            return
+        with open(self.path, "rb") as handle:
+            handle.seek(self.offset)
+            chunk = handle.read()
+        end = chunk.rfind(b"\n") + 1  # a line still being written waits for the next poll
+        self.offset += end
+        for line in chunk[:end].decode("utf-8").splitlines():
+            try:
+                event = json.loads(line)
+            except json.JSONDecodeError:
+                logger.warning("skipping an unreadable upstream event line: %r", line[:200])
+                continue
+            self.handle(event)
+
+    def handle(self, event: dict) -> None:
+        kind = event.get("event")
+        batch = event.get("batch_metrics", {})
+        if kind == "step":
+            # Per-step counts: mini-trainer reports them in batch_metrics, instructlab-training as running totals.
+            if "num_samples" in batch:
+                samples = int(batch["num_samples"])
+            else:
+                samples = max(int(event.get("total_samples", self.samples)) - self.samples, 0)
+            if "num_total_tokens" in batch:
+                tokens = int(batch["num_total_tokens"])
+            else:
+                tokens = max(int(event.get("total_tokens", self.tokens)) - self.tokens, 0)
+            loss = event.get("loss", batch.get("loss"))
+            record = {"type": "train", "step": int(event.get("step", self.steps + 1)),
+                      "epoch": event.get("epoch", batch.get("epoch", 0)), "loss": loss,
+                      "lr": event.get("learning_rate", batch.get("lr")),
+                      "grad_norm": event.get("grad_norm", batch.get("grad_norm")),
+                      "samples": samples, "tokens": tokens,
+                      "elapsed": round(time.perf_counter() - self.started, 4)}
+            if "num_loss_counted_tokens" in batch:
+                record["loss_tokens"] = int(batch["num_loss_counted_tokens"])
+            self.samples, self.tokens, self.steps = self.samples + samples, self.tokens + tokens, record["step"]
+            self.last_loss = loss if loss is not None else self.last_loss
+            self.reporter.write(record)
+        elif kind == "evaluate":
+            values = dict(event.get("val_metrics", {}))
+            loss = values.pop("val_loss", values.pop("loss", None))
+            self.reporter.write({"type": "validation", "step": int(event.get("step", self.steps)),
+                                 "epoch": event.get("epoch", 0), "loss": loss, **values,
+                                 "elapsed": round(time.perf_counter() - self.started, 4)})
+        elif kind == "save" and event.get("checkpoint_path"):
+            self.reporter.saved(event["checkpoint_path"])
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (Linux /proc), children first."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir() if Path("/proc").is_dir() else ():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        parent = int(stat.rsplit(")", 1)[1].split()[1])
+        children.setdefault(parent, []).append(int(entry.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def stop_children(spare: set[int], sig: int = signal.SIGTERM) -> None:
+    """Ask the processes started since ``spare`` was taken (the upstream launcher and its workers) to stop."""
+    for pid in descendants(os.getpid()):
+        if pid not in spare:
+            try:
+                os.kill(pid, sig)
+            except OSError:
+                pass
+
+
+def newest_checkpoint(root: Path) -> str | None:
+    from training_hub.engine.checkpoint import HF_DIR, hf_checkpoints
+
+    found = hf_checkpoints(root)
+    last_epoch = root / HF_DIR / "last_epoch"  # instructlab-training with keep_last_checkpoint_only
+    if last_epoch.is_dir() and (not found or last_epoch.stat().st_mtime >= found[-1].stat().st_mtime):
+        return str(last_epoch)
+    return str(found[-1]) if found else None
+
+
+def run_upstream(config, *, backend: str, launch: Callable[[UpstreamData], None]) -> Any:
+    """Prepare the data, run ``launch(data)`` (the upstream engine) while following its events; the result.
+
+    ``launch`` runs in a helper thread (the upstream call blocks until its torchrun ends); this thread follows the
+    events so that loggers and callbacks run here, in the caller's thread.
+    """
+    from training_hub.engine.checkpoint import check_output_dir
+    from training_hub.engine.metrics import MetricsWriter
+    from training_hub.engine.reporter import RunReporter
+    from training_hub.result import TrainingResult
+
+    root = Path(config.ckpt_output_dir)
+    check_output_dir(root, resume=False)
+    data = prepare_upstream_data(config, root)  # every data error comes before anything is written to root
+    root.mkdir(parents=True, exist_ok=True)
+    events = root / EVENTS_FILE
+    events.unlink(missing_ok=True)
+    reporter = RunReporter(MetricsWriter(root / "metrics.jsonl"), config, backend=backend)  # loggers fail here
+    follower = EventFollower(events, reporter)
+    failure: list[BaseException] = []
+
+    def target() -> None:
+        try:
+            launch(data)
+        except BaseException as exc:  # re-raised in the caller's thread
+            failure.append(exc)
+
+    previous = os.environ.get(EVENTS_ENV)
+    os.environ[EVENTS_ENV] = str(events.resolve())  # the torchrun workers inherit it
+    worker = threading.Thread(target=target, name=f"training_hub-{backend}", daemon=True)
+    spare = set(descendants(os.getpid()))  # the caller's own child processes are left alone on a stop
+    try:
+        reporter.begin(total_steps=None)  # on_train_begin; the upstream engine decides the number of steps
+        worker.start()
+        try:
+            while worker.is_alive():
+                worker.join(POLL_SECONDS)
+                follower.poll()
+            follower.poll()
+        except BaseException:  # a hook raised, or Ctrl-C: stop the upstream run, then report
+            stop_children(spare)
+            worker.join(30)
+            raise
+    finally:
+        if previous is None:
+            os.environ.pop(EVENTS_ENV, None)
+        else:
+            os.environ[EVENTS_ENV] = previous
+        reporter.close()
+    if failure:
+        raise failure[0]
+    result = TrainingResult(
+        status="success", checkpoint_path=newest_checkpoint(root), output_dir=str(root),
+        metrics={"final_loss": follower.last_loss, "steps": follower.steps, "samples": follower.samples,
+                 "tokens": follower.tokens, "seconds": round(time.perf_counter() - follower.started, 3)},
+        extra={"backend": backend, "data_path": data.train_path})
+    reporter.end(result)
+    return result
