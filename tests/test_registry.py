@@ -192,3 +192,20 @@ def test_import_is_cheap():
     line = [ln for ln in proc.stderr.splitlines() if ln.rstrip().endswith("| training_hub")][0]
     cumulative_us = int(line.split("|")[1])
     assert cumulative_us < 300_000, f"import training_hub took {cumulative_us / 1e3:.0f} ms"
+
+
+class KnobBackend(EchoBackend):
+    @classmethod
+    def passthrough_params(cls):
+        return {"my_knob"}
+
+
+def test_backend_options_reach_that_backend_only(clean_registry):
+    from training_hub.config.declare import ParameterError
+
+    AlgorithmRegistry.register_backend("sft", "knob", KnobBackend)
+    result = sft("m", "d.jsonl", "out", backend="knob", my_knob=3, learning_rate=1e-4)
+    assert result["params"] == {"model_path": "m", "data_path": "d.jsonl", "ckpt_output_dir": "out",
+                                "learning_rate": 1e-4, "my_knob": 3}
+    with pytest.raises(ParameterError, match="my_knob: not a training_hub parameter.*backend='knob'"):
+        sft("m", "d.jsonl", "out", backend="native", my_knob=3)

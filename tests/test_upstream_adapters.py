@@ -170,7 +170,8 @@ def test_mini_trainer_translation_steps_schedules_and_validation_file():
                                 UpstreamData("/c/data.jsonl", "/c/validation.jsonl"))
     assert (args.training_mode, args.max_steps) == (mt.TrainingMode.STEP, 12)
     assert args.lr_scheduler == "constant_with_warmup"
-    assert (args.validation_data_path, args.validation_split, args.validate_at_epoch) == ("/c/validation.jsonl", 0.0, True)
+    assert (args.validation_data_path, args.validation_split, args.validate_at_epoch) == (
+        "/c/validation.jsonl", 0.0, True)
     args, _ = mini_trainer_args(osft_config(lr_scheduler="linear"), DATA)
     assert (args.lr_scheduler, args.validation_data_path, args.validate_at_epoch) == ("linear", None, False)
     assert args.train_dtype == mt.TrainingArgs.__dataclass_fields__["train_dtype"].default  # dtype not given
@@ -214,6 +215,54 @@ def test_upstream_names_take_effect_on_the_adapters(fake_cuda, name, value):
         compat.apply(config, {name: value}, MiniTrainerOSFTBackend, what="osft()")
     with pytest.warns(UpstreamParameterWarning, match=name):
         compat.apply(config, {name: value}, AlgorithmRegistry.get_backend("osft", "native"), what="osft()")
+
+
+# ------------------------------------------------------------------------------------------------ pass-through
+
+
+def test_engine_options_pass_through_to_the_adapter_only(no_cuda, tmp_path):
+    pytest.importorskip("mini_trainer")
+    call = dict(model_path="m", data_path="d.jsonl", ckpt_output_dir=str(tmp_path / "o"), unfreeze_rank_ratio=0.5)
+    # accepted by validation: what stops this call is only the missing GPU
+    with pytest.raises(RuntimeError, match="CUDA"):
+        osft(**call, backend="mini-trainer", osft_upcast_dtype="bfloat16", save_dtype="bfloat16")
+    with pytest.raises(ParameterError, match="osft_upcast_dtype: not a training_hub parameter; it is an option of "
+                                             "the mini-trainer backend's engine, passed through only with "
+                                             "backend='mini-trainer'"):
+        osft(**call, osft_upcast_dtype="bfloat16")  # the default here is native
+    with pytest.raises(ParameterError, match="osft_upcast_dtyp: unknown parameter"):
+        osft(**call, backend="mini-trainer", osft_upcast_dtyp="bfloat16")
+
+
+def test_options_the_adapter_owns_are_not_passed_through(no_cuda, tmp_path):
+    pytest.importorskip("instructlab.training")
+    with pytest.raises(ParameterError, match="chat_tmpl_path: unknown parameter"):  # our pipeline tokenizes
+        sft("m", "d.jsonl", str(tmp_path / "o"), backend="instructlab-training", chat_tmpl_path="t.py")
+    with pytest.raises(ParameterError, match="disable_flash_attn: not a training_hub parameter.*instructlab-training"):
+        sft("m", "d.jsonl", str(tmp_path / "o"), disable_flash_attn=True)
+
+
+def test_passed_options_win_and_are_checked_by_the_engine_classes():
+    ilab = pytest.importorskip("instructlab.training")
+    mt = pytest.importorskip("mini_trainer")
+    args, _ = instructlab_training_args(sft_config(), DATA, options={
+        "disable_flash_attn": True, "fsdp_options": {"cpu_offload_params": True}, "max_batch_len": 9000})
+    assert args.disable_flash_attn and args.fsdp_options.cpu_offload_params and args.max_batch_len == 9000
+    with pytest.raises(ValueError, match="log_level"):  # pydantic's ValidationError is a ValueError
+        instructlab_training_args(sft_config(), DATA, options={"log_level": "LOUD"})
+    args, _ = mini_trainer_args(osft_config(), DATA, {"osft_upcast_dtype": "bfloat16", "training_mode": "token",
+                                                      "max_tokens": 10_000})
+    assert (args.osft_upcast_dtype, args.training_mode, args.max_tokens) == ("bfloat16", mt.TrainingMode.TOKEN, 10_000)
+    assert ilab  # imported for the skip
+
+
+def test_refusals_see_only_our_parameters(tmp_path):
+    pytest.importorskip("mini_trainer")
+    params = dict(model_path="m", data_path="d.jsonl", ckpt_output_dir=str(tmp_path / "o"), unfreeze_rank_ratio=0.5,
+                  dtype="bfloat16", osft_upcast_dtype="bfloat16")
+    with pytest.raises(ParameterError) as info:
+        MiniTrainerOSFTBackend().execute_training(params)
+    assert info.value.problems[0].startswith("dtype='bfloat16'") and len(info.value.problems) == 2
 
 
 # ------------------------------------------------------------------------------------------------ data

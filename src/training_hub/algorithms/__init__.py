@@ -12,7 +12,8 @@ from training_hub.registry import AlgorithmRegistry
 
 AlgorithmRegistry._add_builtin("sft", SFTAlgorithm, {"native": NativeSFTBackend, "trl": TRLSFTBackend,
                                                      "instructlab-training": InstructLabTrainingSFTBackend})
-AlgorithmRegistry._add_builtin("osft", OSFTAlgorithm, {"native": NativeOSFTBackend, "mini-trainer": MiniTrainerOSFTBackend})
+AlgorithmRegistry._add_builtin("osft", OSFTAlgorithm, {"native": NativeOSFTBackend,
+                                                       "mini-trainer": MiniTrainerOSFTBackend})
 AlgorithmRegistry._add_builtin("lora_sft", LoRASFTAlgorithm, {"native": NativeLoRASFTBackend, "trl": TRLLoRASFTBackend})
 AlgorithmRegistry._add_builtin("dpo", DPOAlgorithm, {"native": NativeDPOBackend, "trl": TRLDPOBackend})
 

@@ -5,7 +5,9 @@ from __future__ import annotations
 import inspect
 from typing import Any, ClassVar, Dict, Type
 
-from training_hub.config.declare import optional_params, param_specs, required_params, validate_params
+from training_hub.config.declare import (
+    ParameterError, optional_params, param_specs, required_params, validate_params,
+)
 from training_hub.registry import Algorithm, AlgorithmRegistry, Backend, backend_availability
 
 
@@ -30,10 +32,32 @@ class DeclaredAlgorithm(Algorithm):
         from training_hub import compat
 
         given = compat.upstream_call({**self.kwargs, **kwargs}, self.config_class)
-        config = self.validate(given)
+        # An adapter backend takes the other fields of its engine's TrainingArgs as they are (upstream forwards
+        # unknown keyword arguments to the backend); everywhere else an undeclared name is an error.
+        specs = param_specs(self.config_class)
+        own = passthrough_names(type(self.backend))
+        passed = {name: given.pop(name) for name in list(given) if name not in specs and name in own}
+        try:
+            config = self.validate(given)
+        except ParameterError as exc:
+            raise self._with_passthrough_hints(exc, [n for n in given if n not in specs]) from None
         config, names = compat.apply(config, given, type(self.backend), what=f"{self.name}()")
         self._check_backend_can_run()
-        return self.backend.execute_training({name: getattr(config, name) for name in names})
+        return self.backend.execute_training({**{name: getattr(config, name) for name in names}, **passed})
+
+    def _with_passthrough_hints(self, error: ParameterError, unknown: list[str]) -> ParameterError:
+        """Name the backend whose engine option an unknown parameter is, where one is."""
+        owners = {name: [b for b, cls in AlgorithmRegistry._backends.get(self.name, {}).items()
+                         if name in passthrough_names(cls)] for name in unknown}
+        problems = []
+        for line in error.problems:
+            name = line.split(":", 1)[0]
+            if owners.get(name) and "unknown parameter" in line:
+                backend = owners[name][0]
+                line = (f"{name}: not a training_hub parameter; it is an option of the {backend} backend's engine, "
+                        f"passed through only with backend='{backend}'")
+            problems.append(line)
+        return ParameterError(f"{self.name}()", problems)
 
     def validate(self, params: Dict[str, Any]) -> Any:
         """The typed config for ``params``, or a ``ParameterError`` (a ``ValueError``) listing every problem."""
@@ -52,6 +76,18 @@ class DeclaredAlgorithm(Algorithm):
 
     def get_optional_params(self) -> Dict[str, Type]:
         return optional_params(self.config_class)
+
+
+def passthrough_names(backend_cls: type) -> frozenset[str]:
+    """The engine options a backend accepts besides the declared parameters (adapter backends; empty for others
+    and where the engine is not installed)."""
+    names = getattr(backend_cls, "passthrough_params", None)
+    if names is None:
+        return frozenset()
+    try:
+        return frozenset(names())
+    except Exception:  # a broken or missing engine must not break validation; the backend reports it
+        return frozenset()
 
 
 def run_algorithm(name: str, backend: str | None, params: Dict[str, Any]) -> Any:

@@ -24,6 +24,8 @@ How our parameters map (``TrainingArgs`` field in brackets):
   cosine, ``lr_scheduler_kwargs``, ``max_grad_norm`` other than 1.0, ``dtype='float32'``, ``max_steps``,
   ``resume``, ``keep_last_n_checkpoints`` > 1, ``strategy='ddp'``, ``gradient_checkpointing=False``,
   ``validation_data_path``, ``validation_split`` without ``eval_steps``.
+* Other ``TrainingArgs`` fields (e.g. ``disable_flash_attn``, ``fsdp_options``) are engine options: accepted
+  with this backend only, passed through as given (see ``passthrough_params``).
 """
 
 from __future__ import annotations
@@ -31,11 +33,17 @@ from __future__ import annotations
 from typing import Any, Dict
 
 from training_hub.backends.upstream_bridge import (
-    Rules, UpstreamData, refuse_unsupported, run_upstream, torchrun_fields, upstream_availability,
+    Rules, UpstreamData, engine_module, engine_options, refuse_unsupported, run_upstream, split_params, torchrun_fields,
+    upstream_availability,
 )
 from training_hub.registry import Availability, Backend
 
 NAME = "instructlab-training"
+
+# TrainingArgs fields the adapter owns: paths, data handling (our pipeline tokenizes, so the library's chat template
+# and processing options would have no effect) and callbacks. Other fields not declared by us pass through as given.
+NOT_PASSED = frozenset({"model_path", "data_path", "ckpt_output_dir", "data_output_dir", "process_data", "callbacks",
+                        "pretraining_config", "chat_tmpl_path", "use_legacy_tmpl", "data_process_num_cpu_procs"})
 
 RULES: Rules = {
     "lr_scheduler": (lambda v, c: v == "cosine", "instructlab-training always uses a cosine schedule"),
@@ -55,10 +63,12 @@ RULES: Rules = {
 }
 
 
-def instructlab_training_args(config, data: UpstreamData, given: frozenset[str] | set[str] = frozenset()):
+def instructlab_training_args(config, data: UpstreamData, given: frozenset[str] | set[str] = frozenset(),
+                              options: Dict[str, Any] | None = None):
     """Our validated ``SFTConfig`` (with the prepared data) as ``(TrainingArgs, TorchrunArgs)`` of
     ``instructlab.training``. ``given`` is the set of parameter names the caller passed (unrequested settings are
-    left at the library's defaults where ours has no counterpart)."""
+    left at the library's defaults where ours has no counterpart); ``options`` are TrainingArgs fields the caller
+    passed through (they win over the translation)."""
     from instructlab.training import (
         DistributedBackend, FSDPOptions, PretrainingConfig, ShardingStrategies, TorchrunArgs, TrainingArgs,
     )
@@ -97,6 +107,7 @@ def instructlab_training_args(config, data: UpstreamData, given: frozenset[str] 
     if config.is_pretraining and data.pretokenized:
         fields["pretraining_config"] = PretrainingConfig(block_size=config.block_size or config.max_seq_len,
                                                          document_column_name=config.document_column_name)
+    fields.update(options or {})
     return TrainingArgs(**fields), TorchrunArgs(**torchrun_fields(config))
 
 
@@ -109,18 +120,33 @@ class InstructLabTrainingSFTBackend(Backend):
     def is_available(cls) -> Availability:
         return upstream_availability("instructlab.training", "instructlab-training", "instructlab", NAME)
 
+    @classmethod
+    def passthrough_params(cls) -> frozenset[str]:
+        """instructlab.training.TrainingArgs fields accepted as they are (e.g. ``disable_flash_attn``,
+        ``fsdp_options``, ``deepspeed_options``, ``log_level``); empty when the library is not installed."""
+        from training_hub.algorithms.sft import SFTConfig
+
+        module = engine_module("instructlab.training", "config.py")
+        return engine_options(module.TrainingArgs, NOT_PASSED, SFTConfig) if module else frozenset()
+
     def execute_training(self, algorithm_params: Dict[str, Any]) -> Any:
         from training_hub.algorithms.sft import SFTConfig
         from training_hub.config.declare import validate_params
 
-        config = validate_params(SFTConfig, algorithm_params, what=f"the {NAME} sft backend")
-        given = set(algorithm_params)
+        params, options = split_params(algorithm_params, self.passthrough_params())
+        config = validate_params(SFTConfig, params, what=f"the {NAME} sft backend")
+        given = set(params)
         refuse_unsupported(config, given, RULES, NAME)
+
+        def translate(data: UpstreamData):
+            return instructlab_training_args(config, data, given, options)
+
+        translate(UpstreamData("data.jsonl"))  # passed-through options and torchrun settings fail here, before any work
 
         def launch(data: UpstreamData) -> None:
             from instructlab.training import run_training
 
-            train_args, torch_args = instructlab_training_args(config, data, given)
+            train_args, torch_args = translate(data)
             run_training(torch_args=torch_args, train_args=train_args)
 
         return run_upstream(config, backend=NAME, launch=launch)

@@ -24,6 +24,8 @@ How our parameters map (``TrainingArgs`` field in brackets):
   master copy), ``strategy='ddp'`` (it always shards with FSDP2), ``resume``, ``keep_last_n_checkpoints``,
   ``freeze_non_targets``, ``gradient_checkpointing``, ``lr_scheduler_kwargs`` other than ``min_lr_ratio`` with
   cosine.
+* Other ``TrainingArgs`` fields (e.g. ``osft_upcast_dtype``, ``save_dtype``, ``training_mode``) are engine
+  options: accepted with this backend only, passed through as given (see ``passthrough_params``).
 """
 
 from __future__ import annotations
@@ -31,11 +33,17 @@ from __future__ import annotations
 from typing import Any, Dict
 
 from training_hub.backends.upstream_bridge import (
-    Rules, UpstreamData, refuse_unsupported, run_upstream, torchrun_fields, upstream_availability,
+    Rules, UpstreamData, engine_module, engine_options, refuse_unsupported, run_upstream, split_params, torchrun_fields,
+    upstream_availability,
 )
 from training_hub.registry import Availability, Backend
 
 NAME = "mini-trainer"
+
+
+# TrainingArgs fields the adapter owns (paths, the OSFT switch, callbacks); other fields not declared by us (e.g.
+# osft_upcast_dtype, save_dtype, train_dtype, training_mode, max_tokens) pass through as given.
+NOT_PASSED = frozenset({"model_name_or_path", "data_path", "output_dir", "osft", "callbacks", "pretraining_config"})
 
 
 def _schedule_kwargs_fine(value, config) -> bool:
@@ -69,9 +77,9 @@ def _schedule(config) -> tuple[str, dict]:
     return config.lr_scheduler, {}
 
 
-def mini_trainer_args(config, data: UpstreamData):
+def mini_trainer_args(config, data: UpstreamData, options: Dict[str, Any] | None = None):
     """Our validated ``OSFTConfig`` (with the prepared data) as ``(TrainingArgs, TorchrunArgs)`` of
-    ``mini_trainer``."""
+    ``mini_trainer``; ``options`` are TrainingArgs fields the caller passed through (they win)."""
     from mini_trainer import PretrainingConfig, TorchrunArgs, TrainingArgs, TrainingMode
 
     from training_hub.backends.upstream_events import TrainingHubEvents
@@ -115,6 +123,9 @@ def mini_trainer_args(config, data: UpstreamData):
         fields["train_dtype"] = "float32"
     if config.is_pretraining and data.pretokenized:
         fields["pretraining_config"] = PretrainingConfig(block_size=config.block_size or config.max_seq_len)
+    fields.update(options or {})
+    if isinstance(fields["training_mode"], str):  # mini-trainer's launcher reads training_mode.value
+        fields["training_mode"] = TrainingMode(fields["training_mode"])
     return TrainingArgs(**fields), TorchrunArgs(**torchrun_fields(config))
 
 
@@ -127,17 +138,31 @@ class MiniTrainerOSFTBackend(Backend):
     def is_available(cls) -> Availability:
         return upstream_availability("mini_trainer", "rhai-innovation-mini-trainer", "mini-trainer", NAME)
 
+    @classmethod
+    def passthrough_params(cls) -> frozenset[str]:
+        """mini_trainer.TrainingArgs fields accepted as they are; empty when mini-trainer is not installed."""
+        from training_hub.algorithms.osft import OSFTConfig
+
+        module = engine_module("mini_trainer", "training_types.py")
+        return engine_options(module.TrainingArgs, NOT_PASSED, OSFTConfig) if module else frozenset()
+
     def execute_training(self, algorithm_params: Dict[str, Any]) -> Any:
         from training_hub.algorithms.osft import OSFTConfig
         from training_hub.config.declare import validate_params
 
-        config = validate_params(OSFTConfig, algorithm_params, what=f"the {NAME} osft backend")
-        refuse_unsupported(config, set(algorithm_params), RULES, NAME)
+        params, options = split_params(algorithm_params, self.passthrough_params())
+        config = validate_params(OSFTConfig, params, what=f"the {NAME} osft backend")
+        refuse_unsupported(config, set(params), RULES, NAME)
+
+        def translate(data: UpstreamData):
+            return mini_trainer_args(config, data, options)
+
+        translate(UpstreamData("data.jsonl"))  # passed-through options and torchrun settings fail here, before any work
 
         def launch(data: UpstreamData) -> None:
             from mini_trainer import run_training
 
-            train_args, torch_args = mini_trainer_args(config, data)
+            train_args, torch_args = translate(data)
             run_training(torch_args=torch_args, train_args=train_args)
 
         return run_upstream(config, backend=NAME, launch=launch)

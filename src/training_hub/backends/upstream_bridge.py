@@ -25,6 +25,7 @@ the same whichever backend runs it:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib.util
 import json
 import logging
@@ -32,6 +33,7 @@ import os
 import signal
 import threading
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -77,6 +79,44 @@ def refuse_unsupported(config, given: set[str], rules: Rules, backend: str) -> N
     if problems:
         problems.append(f"backend='native' supports all of these; or leave them out to use {backend}")
         raise ParameterError(f"the {backend} backend", problems)
+
+
+def engine_options(args_class: type, not_passed: frozenset[str], declared: type) -> frozenset[str]:
+    """Fields of an engine's ``TrainingArgs`` a caller may pass through as they are: not ours (``declared``), and
+    not the ones the adapter itself must own (``not_passed``: paths, data handling, callbacks)."""
+    import dataclasses as dc
+
+    from training_hub.config.declare import param_specs
+
+    names = set(getattr(args_class, "model_fields", None) or {f.name for f in dc.fields(args_class)})
+    return frozenset(names - set(not_passed) - set(param_specs(declared)))
+
+
+@functools.lru_cache(maxsize=None)
+def engine_module(package: str, relative: str) -> Any:
+    """One module file of an installed engine, loaded on its own, or None where the engine is not installed.
+
+    Used for the engines' ``TrainingArgs`` declarations: their package ``__init__`` imports the whole trainer
+    (seconds; numba, accelerate), which validating a call does not need."""
+    spec = importlib.util.find_spec(package.split(".")[0])
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    for location in spec.submodule_search_locations:
+        path = Path(location, *package.split(".")[1:], relative)
+        if path.is_file():
+            module_spec = importlib.util.spec_from_file_location(f"_training_hub_{package}_{path.stem}", path)
+            module = importlib.util.module_from_spec(module_spec)
+            with warnings.catch_warnings():  # the engines' own deprecation notices are not the caller's business
+                warnings.simplefilter("ignore", DeprecationWarning)
+                module_spec.loader.exec_module(module)
+            return module
+    return None
+
+
+def split_params(params: dict[str, Any], passthrough: frozenset[str]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(our parameters, engine options passed through); anything else stays with ours and fails validation."""
+    ours = {k: v for k, v in params.items() if k not in passthrough}
+    return ours, {k: v for k, v in params.items() if k in passthrough}
 
 
 def torchrun_fields(config) -> dict[str, Any]:
