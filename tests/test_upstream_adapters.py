@@ -421,3 +421,36 @@ def test_exception_in_a_hook_stops_the_upstream_run(tmp_path, tiny_model_dir):
                      launch=stand_in_launch("mini_trainer", config, mini_trainer_args, pause=20))
     assert time.perf_counter() - start < 20  # the stand-in (a child process) was stopped, not waited for
     assert not (tmp_path / "out" / "hf_format").exists()
+
+
+# ------------------------------------------------------------------------------------------------ choosing the default
+
+
+def test_default_is_the_first_backend_that_takes_the_call(fake_cuda, caplog):
+    import logging
+
+    from training_hub.algorithms.base import choose_backend
+
+    pytest.importorskip("instructlab.training")
+    pytest.importorskip("mini_trainer")
+    call = dict(model_path="m", data_path="d.jsonl", ckpt_output_dir="out")
+    assert choose_backend("sft", call) == "instructlab-training"
+    assert choose_backend("osft", {**call, "unfreeze_rank_ratio": 0.5, "osft_upcast_dtype": "bfloat16"}) == \
+        "mini-trainer"
+    with caplog.at_level(logging.WARNING, logger="training_hub"):
+        assert choose_backend("sft", {**call, "dtype": "float32", "max_steps": 5}) == "native"
+    assert "using backend 'native' (instructlab-training cannot take dtype='float32', max_steps=5)" in caplog.text
+    assert choose_backend("osft", {**call, "unfreeze_rank_ratio": 0.5, "freeze_non_targets": True}) == "native"
+    assert choose_backend("sft", {**call, "learning_rat": 1.0}) == "instructlab-training"  # train() reports it
+
+
+def test_qlora_default_goes_to_the_backend_that_trains_it(monkeypatch, fake_cuda):
+    from training_hub.algorithms import lora
+    from training_hub.algorithms.base import choose_backend
+
+    call = dict(model_path="m", data_path="d.jsonl", ckpt_output_dir="out", load_in_4bit=True)
+    monkeypatch.setattr(lora, "qlora_problems", lambda: [])  # as on a CUDA machine with bitsandbytes
+    assert choose_backend("lora_sft", call) == "trl"
+    assert choose_backend("lora_sft", {**call, "load_in_4bit": False}) == "native"
+    monkeypatch.setattr(lora, "qlora_problems", lambda: ["load_in_4bit: no CUDA"])
+    assert choose_backend("lora_sft", call) == "native"  # nobody can: native's own error explains

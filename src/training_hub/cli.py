@@ -163,9 +163,9 @@ def cmd_train(argv: Sequence[str]) -> int:
     config_path, backend = ns.pop("config", None), ns.pop("backend", None)
     params = {**(_load_config_file(config_path) if config_path else {}), **ns, **_unknown_flags(unknown)}
     backend = backend or params.pop("backend", None)
-    from training_hub.registry import create_algorithm
+    from training_hub.algorithms.base import run_algorithm
 
-    result = create_algorithm(name, backend_name=backend).train(**params)
+    result = run_algorithm(name, backend, params)  # no backend named: the first that takes this call
     _print_result(result)
     return 0
 

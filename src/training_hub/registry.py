@@ -179,12 +179,17 @@ class AlgorithmRegistry:
                 ((n, cls.get_backend(algorithm_name, n)) for n in cls.list_backends(algorithm_name))}
 
     @classmethod
-    def default_backend(cls, algorithm_name: str) -> str:
-        """The first available backend in the algorithm's preference order, then in registration order."""
+    def backend_order(cls, algorithm_name: str) -> list[str]:
+        """The algorithm's backends in its preference order, then in registration order."""
         algorithm_class = cls.get_algorithm(algorithm_name)
         names = cls.list_backends(algorithm_name)
         preferred = [n for n in getattr(algorithm_class, "backend_preference", ()) if n in names]
-        order = preferred + [n for n in names if n not in preferred]
+        return preferred + [n for n in names if n not in preferred]
+
+    @classmethod
+    def default_backend(cls, algorithm_name: str) -> str:
+        """The first available backend in the algorithm's preference order, then in registration order."""
+        order = cls.backend_order(algorithm_name)
         if not order:
             raise ValueError(f"Algorithm '{algorithm_name}' has no registered backend; "
                              f"register one with AlgorithmRegistry.register_backend('{algorithm_name}', NAME, cls).")

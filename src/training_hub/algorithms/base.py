@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import inspect
+import logging
 from typing import Any, ClassVar, Dict, Type
 
 from training_hub.config.declare import (
     ParameterError, optional_params, param_specs, required_params, validate_params,
 )
 from training_hub.registry import Algorithm, AlgorithmRegistry, Backend, backend_availability
+
+logger = logging.getLogger("training_hub")
 
 
 class DeclaredAlgorithm(Algorithm):
@@ -94,7 +97,57 @@ def run_algorithm(name: str, backend: str | None, params: Dict[str, Any]) -> Any
     """Body of every convenience function: looks the backend up now, so late registrations work."""
     from training_hub.registry import create_algorithm
 
-    return create_algorithm(name, backend_name=backend).train(**params)
+    return create_algorithm(name, backend_name=backend or choose_backend(name, params)).train(**params)
+
+
+def choose_backend(name: str, params: Dict[str, Any]) -> str:
+    """The default backend for this call: the first backend, in the algorithm's preference order, that can run on
+    this machine *and* take these parameters.
+
+    A backend says what it cannot take in a class method ``refusals(config, given) -> list[str]`` (the adapter
+    backends: settings their engine lacks; native lora_sft: QLoRA), and takes the undeclared names listed by its
+    ``passthrough_params()`` only. When the preferred backend is passed over, a warning says why. When no backend
+    takes the call (or the call is invalid), the plain default is returned and its own error reaches the caller.
+    """
+    import warnings
+
+    from training_hub import compat
+
+    default = AlgorithmRegistry.default_backend(name)
+    config_class = getattr(AlgorithmRegistry.get_algorithm(name), "config_class", None)
+    if config_class is None:
+        return default
+    specs = param_specs(config_class)
+    status = AlgorithmRegistry.backend_status(name)
+    candidates = [n for n in AlgorithmRegistry.backend_order(name) if status[n]]
+    try:
+        given = compat.upstream_call(params, config_class)
+        extra = {n for n in given if n not in specs}
+        base = validate_params(config_class, {k: v for k, v in given.items() if k in specs}, what=f"{name}()")
+    except (ValueError, TypeError):
+        return default  # train() reports the problems
+    passed_over = []
+    for candidate in candidates:
+        backend_cls = AlgorithmRegistry.get_backend(name, candidate)
+        problems = [f"{n}: not an option of this backend" for n in sorted(extra - passthrough_names(backend_cls))]
+        check = getattr(backend_cls, "refusals", None)
+        if check is not None and not problems:
+            with warnings.catch_warnings():  # train() gives the upstream-name warnings once, for the chosen one
+                warnings.simplefilter("ignore")
+                try:
+                    config, names = compat.apply(base, given, backend_cls, what=f"{name}()")
+                    problems = list(check(config, set(names) - extra))
+                except (ValueError, TypeError):
+                    return default
+        if not problems:
+            if passed_over:
+                reasons = "; ".join(f"{n} cannot take {', '.join(p.split(': ', 1)[0] for p in problems)}"
+                                    for n, problems in passed_over)
+                logger.warning("%s(): using backend '%s' (%s). Name a backend to choose it yourself.",
+                               name, candidate, reasons)
+            return candidate
+        passed_over.append((candidate, problems))
+    return default
 
 
 def signature_from_config(config_class: type, extra: tuple[inspect.Parameter, ...] = ()) -> inspect.Signature:

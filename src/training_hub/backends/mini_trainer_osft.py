@@ -34,7 +34,7 @@ from typing import Any, Dict
 
 from training_hub.backends.upstream_bridge import (
     Rules, UpstreamData, engine_module, engine_options, refuse_unsupported, run_upstream, split_params, torchrun_fields,
-    upstream_availability,
+    unsupported, upstream_availability,
 )
 from training_hub.registry import Availability, Backend
 
@@ -137,6 +137,11 @@ class MiniTrainerOSFTBackend(Backend):
     @classmethod
     def is_available(cls) -> Availability:
         return upstream_availability("mini_trainer", "rhai-innovation-mini-trainer", "mini-trainer", NAME)
+
+    @classmethod
+    def refusals(cls, config, given: set[str]) -> list[str]:
+        """The given parameters the engine has no setting for (see ``RULES``); used to choose the default."""
+        return unsupported(config, given, RULES)
 
     @classmethod
     def passthrough_params(cls) -> frozenset[str]:

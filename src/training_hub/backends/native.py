@@ -9,6 +9,9 @@ from training_hub.config.declare import validate_params
 from training_hub.registry import Availability, Backend
 
 
+QLORA_NOT_HERE = "load_in_4bit: the native backend does not train QLoRA (4-bit base) yet; use backend='trl'"
+
+
 def _missing(*modules: str) -> list[str]:
     return [m for m in modules if importlib.util.find_spec(m) is None]
 
@@ -52,6 +55,11 @@ class NativeLoRASFTBackend(NativeSFTBackend):
     """
 
     @classmethod
+    def refusals(cls, config, given: set[str]) -> list[str]:
+        """QLoRA is the trl backend's (used to choose the default backend)."""
+        return [QLORA_NOT_HERE] if config.load_in_4bit else []
+
+    @classmethod
     def is_available(cls) -> Availability:
         missing = _missing("torch", "transformers", "datasets", "peft")
         if missing:
@@ -67,8 +75,7 @@ class NativeLoRASFTBackend(NativeSFTBackend):
 
         config = validate_params(LoRASFTConfig, algorithm_params, what="the native lora_sft backend")
         if config.load_in_4bit:  # before any data, model or output directory is touched
-            problems = qlora_problems() or [
-                "load_in_4bit: the native backend does not train QLoRA (4-bit base) yet; use backend='trl'"]
+            problems = qlora_problems() or [QLORA_NOT_HERE]
             raise ValueError("\n".join(problems))
         result = train_sft(config, method=LoRAMethod.from_config(config))
         if config.merge and result.checkpoint_path:

@@ -402,6 +402,11 @@ class _TRLBackend(Backend):
     def config_class(cls) -> type:
         raise NotImplementedError
 
+    @classmethod
+    def refusals(cls, config, given: set[str]) -> list[str]:
+        """What TRL cannot do with this call here (used to choose the default backend)."""
+        return _unsupported(config, cls.algorithm)
+
     def typed_config(self, algorithm_params: Dict[str, Any]):
         config = validate_params(self.config_class(), algorithm_params, what=f"the trl {self.algorithm} backend")
         _raise_if(_unsupported(config, self.algorithm), f"{self.algorithm} with the trl backend")

@@ -72,10 +72,15 @@ def upstream_availability(module: str, distribution: str, extra: str, engine: st
 Rules = dict[str, tuple[Callable[[Any, Any], bool], str]]
 
 
+def unsupported(config, given: set[str], rules: Rules) -> list[str]:
+    """Every given parameter the upstream engine cannot honour, with why (the backends' ``refusals``)."""
+    return [f"{name}={getattr(config, name)!r}: {why}" for name, (fine, why) in rules.items()
+            if name in given and not fine(getattr(config, name), config)]
+
+
 def refuse_unsupported(config, given: set[str], rules: Rules, backend: str) -> None:
     """One ParameterError naming every given parameter the upstream engine cannot honour, and the way out."""
-    problems = [f"{name}={getattr(config, name)!r}: {why}" for name, (fine, why) in rules.items()
-                if name in given and not fine(getattr(config, name), config)]
+    problems = unsupported(config, given, rules)
     if problems:
         problems.append(f"backend='native' supports all of these; or leave them out to use {backend}")
         raise ParameterError(f"the {backend} backend", problems)
@@ -84,11 +89,9 @@ def refuse_unsupported(config, given: set[str], rules: Rules, backend: str) -> N
 def engine_options(args_class: type, not_passed: frozenset[str], declared: type) -> frozenset[str]:
     """Fields of an engine's ``TrainingArgs`` a caller may pass through as they are: not ours (``declared``), and
     not the ones the adapter itself must own (``not_passed``: paths, data handling, callbacks)."""
-    import dataclasses as dc
-
     from training_hub.config.declare import param_specs
 
-    names = set(getattr(args_class, "model_fields", None) or {f.name for f in dc.fields(args_class)})
+    names = set(getattr(args_class, "model_fields", None) or {f.name for f in dataclasses.fields(args_class)})
     return frozenset(names - set(not_passed) - set(param_specs(declared)))
 
 
@@ -279,7 +282,7 @@ class EventFollower:
 
 
 def descendants(pid: int) -> list[int]:
-    """Every process below ``pid`` (Linux /proc), children first."""
+    """Every process below ``pid`` (Linux /proc), each listed before its own children."""
     children: dict[int, list[int]] = {}
     for entry in Path("/proc").iterdir() if Path("/proc").is_dir() else ():
         if not entry.name.isdigit():
@@ -331,7 +334,7 @@ def run_upstream(config, *, backend: str, launch: Callable[[UpstreamData], None]
 
     root = Path(config.ckpt_output_dir)
     check_output_dir(root, resume=False)
-    data = prepare_upstream_data(config, root)  # every data error comes before anything is written to root
+    data = prepare_upstream_data(config, root)  # a data error leaves root untouched (the cache is written after)
     root.mkdir(parents=True, exist_ok=True)
     events = root / EVENTS_FILE
     events.unlink(missing_ok=True)
