@@ -454,3 +454,20 @@ def test_qlora_default_goes_to_the_backend_that_trains_it(monkeypatch, fake_cuda
     assert choose_backend("lora_sft", {**call, "load_in_4bit": False}) == "native"
     monkeypatch.setattr(lora, "qlora_problems", lambda: ["load_in_4bit: no CUDA"])
     assert choose_backend("lora_sft", call) == "native"  # nobody can: native's own error explains
+
+
+def test_engine_runs_in_the_calling_thread_and_its_failure_is_raised(tmp_path, tiny_model_dir):
+    import signal
+
+    config = osft_config(model_path=str(tiny_model_dir), data_path=str(demo_data_path()),
+                         ckpt_output_dir=str(tmp_path / "out"), max_seq_len=256)
+
+    def launch(data):
+        # what the engines do for on_demand_checkpointing; Python allows it in the main thread only
+        previous = signal.signal(signal.SIGUSR1, lambda *a: None)
+        signal.signal(signal.SIGUSR1, previous)
+        raise RuntimeError("Training failed. Please check the logs")
+
+    with pytest.raises(RuntimeError, match="Training failed"):
+        run_upstream(config, backend="mini-trainer", launch=launch)
+    assert (tmp_path / "out" / "metrics.jsonl").exists() and not (tmp_path / "out" / "hf_format").exists()

@@ -16,10 +16,10 @@ the same whichever backend runs it:
    already tokenized ``data_path`` through untouched, as upstream does.
 4. **Reporting** (:func:`run_upstream`): the upstream engine gets one extra callback
    (:class:`~training_hub.backends.upstream_events.TrainingHubEvents`) whose rank-0 copy appends its events to a
-   file; this process follows the file while the run goes and feeds a :class:`RunReporter`: metrics.jsonl in our
-   schema, the shared loggers (TensorBoard, MLflow, W&B) and the user's ``TrainingHubCallback`` hooks, called in
-   the calling process as the steps arrive. An exception in a hook stops the run (the upstream processes are
-   terminated) and is raised.
+   file; a helper thread of this process follows the file while the engine runs in the calling thread, and feeds
+   a :class:`RunReporter`: metrics.jsonl in our schema, the shared loggers (TensorBoard, MLflow, W&B) and the
+   user's ``TrainingHubCallback`` hooks, called as the steps arrive. An exception in a hook stops the run (the
+   upstream processes are terminated) and is raised.
 """
 
 from __future__ import annotations
@@ -324,8 +324,10 @@ def newest_checkpoint(root: Path) -> str | None:
 def run_upstream(config, *, backend: str, launch: Callable[[UpstreamData], None]) -> Any:
     """Prepare the data, run ``launch(data)`` (the upstream engine) while following its events; the result.
 
-    ``launch`` runs in a helper thread (the upstream call blocks until its torchrun ends); this thread follows the
-    events so that loggers and callbacks run here, in the caller's thread.
+    ``launch`` runs in the calling thread: the engines install their own signal handlers there (Ctrl-C, and the
+    preemption signals of ``on_demand_checkpointing``), which Python allows in the main thread only. A helper
+    thread follows the events meanwhile and feeds the reporter; if a hook raises, it stops the engine's processes
+    and its exception is the one raised.
     """
     from training_hub.engine.checkpoint import check_output_dir
     from training_hub.engine.metrics import MetricsWriter
@@ -340,38 +342,42 @@ def run_upstream(config, *, backend: str, launch: Callable[[UpstreamData], None]
     events.unlink(missing_ok=True)
     reporter = RunReporter(MetricsWriter(root / "metrics.jsonl"), config, backend=backend)  # loggers fail here
     follower = EventFollower(events, reporter)
-    failure: list[BaseException] = []
+    spare = set(descendants(os.getpid()))  # the caller's own child processes are left alone on a stop
+    done = threading.Event()
+    hook_failure: list[BaseException] = []
 
-    def target() -> None:
+    def follow() -> None:
         try:
-            launch(data)
-        except BaseException as exc:  # re-raised in the caller's thread
-            failure.append(exc)
+            while not done.wait(POLL_SECONDS):
+                follower.poll()
+            follower.poll()  # the events written before the engine returned
+        except BaseException as exc:  # a hook (or logger) raised: stop the run; raised in the caller's thread
+            hook_failure.append(exc)
+            stop_children(spare)
 
     previous = os.environ.get(EVENTS_ENV)
     os.environ[EVENTS_ENV] = str(events.resolve())  # the torchrun workers inherit it
-    worker = threading.Thread(target=target, name=f"training_hub-{backend}", daemon=True)
-    spare = set(descendants(os.getpid()))  # the caller's own child processes are left alone on a stop
+    watcher = threading.Thread(target=follow, name=f"training_hub-{backend}-events", daemon=True)
     try:
         reporter.begin(total_steps=None)  # on_train_begin; the upstream engine decides the number of steps
-        worker.start()
+        watcher.start()
         try:
-            while worker.is_alive():
-                worker.join(POLL_SECONDS)
-                follower.poll()
-            follower.poll()
-        except BaseException:  # a hook raised, or Ctrl-C: stop the upstream run, then report
-            stop_children(spare)
-            worker.join(30)
-            raise
+            launch(data)
+        except BaseException as exc:
+            if not hook_failure:
+                raise
+            raise hook_failure[0] from exc  # the engine failed because the hook stopped it
+        finally:
+            done.set()
+            watcher.join()
     finally:
         if previous is None:
             os.environ.pop(EVENTS_ENV, None)
         else:
             os.environ[EVENTS_ENV] = previous
         reporter.close()
-    if failure:
-        raise failure[0]
+    if hook_failure:
+        raise hook_failure[0]
     result = TrainingResult(
         status="success", checkpoint_path=newest_checkpoint(root), output_dir=str(root),
         metrics={"final_loss": follower.last_loss, "steps": follower.steps, "samples": follower.samples,
