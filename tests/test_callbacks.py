@@ -112,3 +112,75 @@ def test_callbacks_must_be_callback_objects():
 
     with pytest.raises(ValueError, match="callbacks: expected TrainingHubCallback instances, got function"):
         sft("/m", "/d", "/o", callbacks=[lambda ctx: None])
+
+
+class UpstreamStyle(TrainingHubCallback):
+    """Written for the upstream Training Hub: context-only hooks, the upstream context name."""
+
+    def __init__(self):
+        self.calls = []
+
+    def on_train_begin(self, context):
+        self.calls.append(("begin", context.output_dir, context.is_main_process))
+
+    def on_epoch_begin(self, context):
+        self.calls.append(("epoch_begin", context.epoch))
+
+    def on_step_begin(self, context):
+        self.calls.append(("step_begin", context.step))
+
+    def on_step_end(self, context):
+        self.calls.append(("step_end", context.step, context.loss, context.learning_rate))
+
+    def on_log(self, context):
+        self.calls.append(("log", context.metrics["type"], context.metrics["step"]))
+
+    def on_evaluate(self, context):
+        self.calls.append(("evaluate", context.metrics["loss"]))
+
+    def on_save(self, context):
+        self.calls.append(("save", Path(context.checkpoint_path).name))
+
+    def on_epoch_end(self, context):
+        self.calls.append(("epoch_end", context.epoch))
+
+    def on_train_end(self, context):
+        self.calls.append(("end", context.step))
+
+
+def test_upstream_style_callbacks_run_unchanged(tiny_model_dir, chat_path, tmp_path):
+    from training_hub import sft
+    from training_hub.callbacks import TrainingHubContext  # the upstream import path works
+
+    assert TrainingHubContext is __import__("training_hub").TrainingContext
+    callback, out = UpstreamStyle(), tmp_path / "sft"
+    sft(str(tiny_model_dir), str(chat_path), str(out), callbacks=[callback], max_seq_len=256, num_epochs=2,
+        effective_batch_size=8, validation_split=0.25, learning_rate=1e-3, disable_progress_bar=True)
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in records if r["type"] == "train"]
+    kinds = [c[0] for c in callback.calls]
+    assert kinds[0] == "begin" and callback.calls[0][1:] == (str(out), True) and kinds[-1] == "end"
+    assert kinds.count("epoch_begin") == kinds.count("epoch_end") == 2
+    assert kinds.count("step_begin") == len(train) == 4  # 12 training samples, 8 per step, 2 epochs
+    assert [c[1:] for c in callback.calls if c[0] == "step_end"] == [(r["step"], r["loss"], r["lr"]) for r in train]
+    assert [c[1:] for c in callback.calls if c[0] == "log"] == [(r["type"], r["step"]) for r in records]
+    assert [c[1] for c in callback.calls if c[0] == "evaluate"] == [r["loss"] for r in records
+                                                                    if r["type"] == "validation"]
+    assert [c[1] for c in callback.calls if c[0] == "save"] == ["samples_24"]
+    # order within an epoch: epoch_begin, (step_begin, step_end, log)+, evaluate, log, epoch_end
+    first_epoch = kinds[1:kinds.index("epoch_end") + 1]
+    assert first_epoch == ["epoch_begin", "step_begin", "step_end", "log", "step_begin", "step_end", "log",
+                           "evaluate", "log", "epoch_end"]
+
+
+def test_a_failing_hook_is_logged_and_training_goes_on(tiny_model_dir, chat_path, tmp_path, caplog):
+    from training_hub import sft
+
+    class Failing(TrainingHubCallback):
+        def on_step_end(self, ctx, metrics):
+            raise RuntimeError("boom")
+
+    result = sft(str(tiny_model_dir), str(chat_path), str(tmp_path / "o"), callbacks=[Failing()], max_seq_len=256,
+                 effective_batch_size=8, learning_rate=1e-3, disable_progress_bar=True)
+    assert result.status == "success" and result.metrics["steps"] == 2
+    assert caplog.text.count("Failing.on_step_end raised; training goes on") == 2 and "RuntimeError: boom" in caplog.text

@@ -24,6 +24,7 @@ import pytest
 import torch
 
 from test_engine_train import load_weights, write_chat
+from training_hub import TrainingHubCallback
 from training_hub.engine.batching import pack, pack_into_micro_batches, plan_epoch, split_across_ranks
 
 COMMON = dict(max_seq_len=64, max_tokens_per_gpu=64, effective_batch_size=7, learning_rate=3e-3,
@@ -189,22 +190,66 @@ def one_thread():
         os.environ["OMP_NUM_THREADS"] = saved
 
 
+class RankLogger(TrainingHubCallback):
+    """Upstream-style callback (context-only hooks, imports inside, no-argument constructor): its class source
+    reaches the two launched workers, and run_on_all_ranks makes rank 1 call it too."""
+
+    run_on_all_ranks = True
+
+    def on_log(self, context):
+        import json
+        import os
+
+        path = os.path.join(os.environ["TRAINING_HUB_TEST_HOOKS"], f"rank{os.environ.get('RANK', '?')}.jsonl")
+        with open(path, "a") as out:
+            out.write(json.dumps({"step": context.step, "type": context.metrics["type"],
+                                  "main": context.is_main_process}) + "\n")
+
+
 @pytest.fixture(scope="module")
 def ddp_run(kwargs, tmp_path_factory):
     from training_hub import sft
 
     out = tmp_path_factory.mktemp("ddp") / "run"
-    return sft(ckpt_output_dir=str(out), nproc_per_node=2, strategy="ddp", **kwargs), out
+    hooks = tmp_path_factory.mktemp("hooks")
+    os.environ["TRAINING_HUB_TEST_HOOKS"] = str(hooks)  # the workers inherit it
+    try:
+        result = sft(ckpt_output_dir=str(out), nproc_per_node=2, strategy="ddp", callbacks=[RankLogger()], **kwargs)
+    finally:
+        del os.environ["TRAINING_HUB_TEST_HOOKS"]
+    return result, out, hooks
 
 
 @pytest.mark.slow
 def test_ddp_two_processes_follow_the_one_process_run(ddp_run, reference):
-    result, out = ddp_run
+    result, out, _ = ddp_run
     assert result.status == "success" and result.metrics["num_processes"] == 2
     assert result.checkpoint_path == str(out / "hf_format" / "samples_28")
     assert result.metrics["final_loss"] == pytest.approx(losses(out)[-1])
     assert_same_run(out, reference / "sft", "sft ddp x2")
     assert [p.name for p in (out / "state").iterdir()] == ["step_000000004"]  # rank 0 alone wrote, once
+
+
+@pytest.mark.slow
+def test_callbacks_reach_launched_workers_as_class_source(ddp_run):
+    _, out, hooks = ddp_run
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    expected = [(r["step"], r["type"]) for r in records]
+    for rank, main in ((0, True), (1, False)):
+        calls = [json.loads(line) for line in (hooks / f"rank{rank}.jsonl").read_text().splitlines()]
+        assert [(c["step"], c["type"]) for c in calls] == expected and all(c["main"] is main for c in calls)
+
+
+def test_a_callback_that_cannot_travel_is_refused_before_launch(kwargs, tmp_path):
+    from training_hub import sft
+
+    class NeedsArgument(TrainingHubCallback):
+        def __init__(self, target):
+            self.target = target
+
+    with pytest.raises(ValueError, match="NeedsArgument cannot be rebuilt .* constructor without arguments"):
+        sft(ckpt_output_dir=str(tmp_path / "run"), nproc_per_node=2, callbacks=[NeedsArgument(1)], **kwargs)
+    assert not (tmp_path / "run").exists()
 
 
 @pytest.mark.slow

@@ -329,8 +329,11 @@ STAND_IN = textwrap.dedent("""
     samples = sum(1 for _ in open(data_path))
     ctx = manager.context
     manager.fire("on_train_begin")
+    manager.fire("on_epoch_begin")
     for step in (1, 2, 3):
-        ctx.step, ctx.epoch, ctx.loss, ctx.learning_rate, ctx.grad_norm = step, 0, 3.0 / step, 1e-5 * step, 0.5
+        ctx.step = step
+        manager.fire("on_step_begin")
+        ctx.epoch, ctx.loss, ctx.learning_rate, ctx.grad_norm = 0, 3.0 / step, 1e-5 * step, 0.5
         ctx.total_samples, ctx.total_tokens = 4 * step, 100 * step
         manager.fire("on_step_end")
         time.sleep(float(pause))
@@ -338,10 +341,36 @@ STAND_IN = textwrap.dedent("""
     final = Path(output_dir) / "hf_format" / f"samples_{samples}"
     shutil.copytree(model_path, final)
     manager.fire("on_save", checkpoint_path=str(final))
+    manager.fire("on_epoch_end")
     manager.fire("on_train_end")
     time.sleep(0.5)
     manager.close()
 """)
+
+
+class UpstreamStyle(TrainingHubCallback):
+    """A callback as written for the upstream Training Hub: every hook takes the context only."""
+
+    def __init__(self):
+        self.calls = []
+
+    def on_epoch_begin(self, context):
+        self.calls.append(("epoch_begin", context.step))
+
+    def on_step_begin(self, context):
+        self.calls.append(("step_begin", context.step))
+
+    def on_log(self, context):
+        self.calls.append(("log", context.step, context.loss, context.metrics["type"]))
+
+    def on_save(self, context):
+        self.calls.append(("save", Path(context.checkpoint_path).name))
+
+    def on_epoch_end(self, context):
+        self.calls.append(("epoch_end", context.step))
+
+    def on_train_end(self, context):
+        self.calls.append(("end", context.is_main_process, context.output_dir))
 
 
 class Recorder(TrainingHubCallback):
@@ -382,9 +411,9 @@ import importlib  # noqa: E402  (used by stand_in_launch)
 @pytest.mark.parametrize("package,algo", [("instructlab.training", "sft"), ("mini_trainer", "osft")])
 def test_run_reports_metrics_callbacks_and_result(tmp_path, tiny_model_dir, package, algo):
     pytest.importorskip(package)
-    recorder = Recorder()
+    recorder, upstream_style = Recorder(), UpstreamStyle()
     params = dict(model_path=str(tiny_model_dir), data_path=str(demo_data_path()),
-                  ckpt_output_dir=str(tmp_path / "out"), max_seq_len=256, callbacks=[recorder],
+                  ckpt_output_dir=str(tmp_path / "out"), max_seq_len=256, callbacks=[recorder, upstream_style],
                   tensorboard_log_dir=str(tmp_path / "tb"))
     if algo == "sft":
         config, translate, name = sft_config(**params), instructlab_training_args, "instructlab-training"
@@ -405,55 +434,43 @@ def test_run_reports_metrics_callbacks_and_result(tmp_path, tiny_model_dir, pack
     assert recorder.calls == [("begin", name), ("step", 1, 3.0, lr(1e-5), 4), ("step", 2, 1.5, lr(2e-5), 8),
                               ("step", 3, 1.0, lr(3e-5), 12), ("evaluate", 0.75), ("save", final.name),
                               ("end", str(final))]
+    assert upstream_style.calls == [
+        ("epoch_begin", 0), ("step_begin", 0), ("log", 1, 3.0, "train"), ("step_begin", 1), ("log", 2, 1.5, "train"),
+        ("step_begin", 2), ("log", 3, 1.0, "train"), ("log", 3, 1.0, "validation"), ("save", final.name),
+        ("epoch_end", 3), ("end", True, str(tmp_path / "out"))]
     assert list((tmp_path / "tb").glob("events.out.tfevents.*"))  # the shared loggers ran here too
     from transformers import AutoModelForCausalLM
 
     AutoModelForCausalLM.from_pretrained(result.checkpoint_path)
 
 
-def test_exception_in_a_hook_stops_the_upstream_run(tmp_path, tiny_model_dir):
+def test_failing_hook_is_logged_and_the_run_goes_on(tmp_path, tiny_model_dir, caplog):
     pytest.importorskip("mini_trainer")
+    recorder = Recorder(fail_at_step=1)
     config = osft_config(model_path=str(tiny_model_dir), data_path=str(demo_data_path()),
-                         ckpt_output_dir=str(tmp_path / "out"), max_seq_len=256, callbacks=[Recorder(fail_at_step=1)])
+                         ckpt_output_dir=str(tmp_path / "out"), max_seq_len=256, callbacks=[recorder])
+    result = run_upstream(config, backend="mini-trainer",
+                          launch=stand_in_launch("mini_trainer", config, mini_trainer_args))
+    assert result.metrics["steps"] == 3 and [c[0] for c in recorder.calls].count("step") == 3
+    assert "Recorder.on_step_end raised; training goes on" in caplog.text
+
+
+def test_a_failure_while_following_stops_the_engine(tmp_path, tiny_model_dir, monkeypatch):
+    pytest.importorskip("mini_trainer")
+    from training_hub.engine.reporter import RunReporter
+
+    def broken(self, record):
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(RunReporter, "write", broken)  # e.g. metrics.jsonl cannot be written
+    config = osft_config(model_path=str(tiny_model_dir), data_path=str(demo_data_path()),
+                         ckpt_output_dir=str(tmp_path / "out"), max_seq_len=256)
     start = time.perf_counter()
-    with pytest.raises(RuntimeError, match="hook failed on purpose"):
+    with pytest.raises(OSError, match="No space left"):
         run_upstream(config, backend="mini-trainer",
                      launch=stand_in_launch("mini_trainer", config, mini_trainer_args, pause=20))
     assert time.perf_counter() - start < 20  # the stand-in (a child process) was stopped, not waited for
     assert not (tmp_path / "out" / "hf_format").exists()
-
-
-# ------------------------------------------------------------------------------------------------ choosing the default
-
-
-def test_default_is_the_first_backend_that_takes_the_call(fake_cuda, caplog):
-    import logging
-
-    from training_hub.algorithms.base import choose_backend
-
-    pytest.importorskip("instructlab.training")
-    pytest.importorskip("mini_trainer")
-    call = dict(model_path="m", data_path="d.jsonl", ckpt_output_dir="out")
-    assert choose_backend("sft", call) == "instructlab-training"
-    assert choose_backend("osft", {**call, "unfreeze_rank_ratio": 0.5, "osft_upcast_dtype": "bfloat16"}) == \
-        "mini-trainer"
-    with caplog.at_level(logging.WARNING, logger="training_hub"):
-        assert choose_backend("sft", {**call, "dtype": "float32", "max_steps": 5}) == "native"
-    assert "using backend 'native' (instructlab-training cannot take dtype='float32', max_steps=5)" in caplog.text
-    assert choose_backend("osft", {**call, "unfreeze_rank_ratio": 0.5, "freeze_non_targets": True}) == "native"
-    assert choose_backend("sft", {**call, "learning_rat": 1.0}) == "instructlab-training"  # train() reports it
-
-
-def test_qlora_default_goes_to_the_backend_that_trains_it(monkeypatch, fake_cuda):
-    from training_hub.algorithms import lora
-    from training_hub.algorithms.base import choose_backend
-
-    call = dict(model_path="m", data_path="d.jsonl", ckpt_output_dir="out", load_in_4bit=True)
-    monkeypatch.setattr(lora, "qlora_problems", lambda: [])  # as on a CUDA machine with bitsandbytes
-    assert choose_backend("lora_sft", call) == "trl"
-    assert choose_backend("lora_sft", {**call, "load_in_4bit": False}) == "native"
-    monkeypatch.setattr(lora, "qlora_problems", lambda: ["load_in_4bit: no CUDA"])
-    assert choose_backend("lora_sft", call) == "native"  # nobody can: native's own error explains
 
 
 def test_engine_runs_in_the_calling_thread_and_its_failure_is_raised(tmp_path, tiny_model_dir):

@@ -10,7 +10,7 @@ from training_hub.algorithms import (
     DPOAlgorithm, DPOConfig, LoRASFTAlgorithm, LoRASFTConfig, OSFTAlgorithm, OSFTConfig, SFTAlgorithm, SFTConfig,
     dpo, lora_sft, osft, sft,
 )
-from training_hub.callbacks import TrainingContext, TrainingHubCallback
+from training_hub.callbacks import TrainingContext, TrainingHubCallback, TrainingHubContext
 from training_hub.compat import UpstreamParameterWarning
 from training_hub.config.declare import ParameterError
 
@@ -18,8 +18,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Algorithm", "AlgorithmRegistry", "Availability", "Backend", "DPOAlgorithm", "DPOConfig", "LoRASFTAlgorithm",
-    "LoRASFTConfig", "OSFTAlgorithm", "OSFTConfig", "ParameterError", "SFTAlgorithm", "SFTConfig", "TrainingContext", "TrainingHubCallback",
-    "TrainingResult", "UpstreamParameterWarning", "create_algorithm", "dpo",
+    "LoRASFTConfig", "OSFTAlgorithm", "OSFTConfig", "ParameterError", "SFTAlgorithm", "SFTConfig", "TrainingContext",
+    "TrainingHubCallback", "TrainingHubContext", "TrainingResult", "UpstreamParameterWarning", "create_algorithm", "dpo",
     "lora_sft", "merge_adapter", "osft", "plot_loss", "sft",
 ]
 

@@ -3,8 +3,9 @@
 ``HubCallbackBridge`` turns the Trainer's events into TrainingHubCallback hooks:
 
 * ``on_train_begin``  -> ``on_train_begin(ctx)``
-* ``on_log``          -> ``on_step_end(ctx, record)`` / ``on_evaluate(ctx, record)``, with the same record that
-                         metrics.jsonl gets (our key names, see ``trl.log_record``)
+* ``on_epoch_begin`` / ``on_step_begin`` / ``on_epoch_end`` -> the hooks of the same names
+* ``on_log``          -> ``on_step_end(ctx, record)`` / ``on_evaluate(ctx, record)``, then ``on_log(ctx)``, with
+                         the same record that metrics.jsonl gets (our key names, see ``trl.log_record``)
 * ``on_save``         -> ``on_save(ctx, <trl_state>/checkpoint-<step>)`` (TRL's intermediate checkpoints)
 * the backend calls ``saved(path)`` for the final ``hf_format/samples_<N>`` and ``end(result)`` with the result.
 
@@ -30,7 +31,7 @@ def hub_bridge(config, record_fn):
             self.main = True
 
         def _sync(self, state) -> None:
-            self.main = state.is_world_process_zero
+            self.main = self.ctx.is_main_process = state.is_world_process_zero
             self.ctx.step = state.global_step
             self.ctx.epoch = float(state.epoch or 0.0)
             self.ctx.samples_seen = state.global_step * config.effective_batch_size
@@ -41,20 +42,45 @@ def hub_bridge(config, record_fn):
             if self.main:
                 self.hub.call("on_train_begin", self.ctx)
 
+        def on_epoch_begin(self, args, state, control, **kwargs):
+            self._sync(state)
+            if self.main:
+                self.hub.call("on_epoch_begin", self.ctx)
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            self._sync(state)
+            if self.main:
+                self.hub.call("on_step_begin", self.ctx)
+
+        def on_epoch_end(self, args, state, control, **kwargs):
+            self._sync(state)
+            if self.main:
+                self.hub.call("on_epoch_end", self.ctx)
+
         def on_log(self, args, state, control, logs=None, **kwargs):
             self._sync(state)
             found = record_fn(state, logs) if self.main else None
             if found:
                 kind, record = found
-                self.hub.call("on_evaluate" if kind == "validation" else "on_step_end", self.ctx, record)
+                self.ctx.metrics = record
+                if kind == "validation":
+                    self.hub.call("on_evaluate", self.ctx, record)
+                else:
+                    self.ctx.loss = record.get("loss", self.ctx.loss)
+                    self.ctx.learning_rate = record.get("lr", self.ctx.learning_rate)
+                    self.hub.call("on_step_end", self.ctx, record)
+                self.hub.call("on_log", self.ctx)
 
         def on_save(self, args, state, control, **kwargs):
             self._sync(state)
             if self.main:
-                self.hub.call("on_save", self.ctx, os.path.join(args.output_dir, f"checkpoint-{state.global_step}"))
+                path = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+                self.ctx.checkpoint_path = path
+                self.hub.call("on_save", self.ctx, path)
 
         def saved(self, path: Any) -> None:
             if self.main and path is not None:
+                self.ctx.checkpoint_path = str(path)
                 self.hub.call("on_save", self.ctx, str(path))
 
         def end(self, result: Any) -> None:

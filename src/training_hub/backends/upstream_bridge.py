@@ -18,8 +18,9 @@ the same whichever backend runs it:
    (:class:`~training_hub.backends.upstream_events.TrainingHubEvents`) whose rank-0 copy appends its events to a
    file; a helper thread of this process follows the file while the engine runs in the calling thread, and feeds
    a :class:`RunReporter`: metrics.jsonl in our schema, the shared loggers (TensorBoard, MLflow, W&B) and the
-   user's ``TrainingHubCallback`` hooks, called as the steps arrive. An exception in a hook stops the run (the
-   upstream processes are terminated) and is raised.
+   user's ``TrainingHubCallback`` hooks, called as the steps arrive (a failing hook is logged, as everywhere). If
+   the following itself fails (metrics.jsonl cannot be written, a logger raises), the upstream processes are
+   terminated and the error is raised.
 """
 
 from __future__ import annotations
@@ -279,6 +280,8 @@ class EventFollower:
                                  "elapsed": round(time.perf_counter() - self.started, 4)})
         elif kind == "save" and event.get("checkpoint_path"):
             self.reporter.saved(event["checkpoint_path"])
+        elif kind in ("epoch_begin", "step_begin", "epoch_end"):
+            getattr(self.reporter, kind)()
 
 
 def descendants(pid: int) -> list[int]:
@@ -326,7 +329,7 @@ def run_upstream(config, *, backend: str, launch: Callable[[UpstreamData], None]
 
     ``launch`` runs in the calling thread: the engines install their own signal handlers there (Ctrl-C, and the
     preemption signals of ``on_demand_checkpointing``), which Python allows in the main thread only. A helper
-    thread follows the events meanwhile and feeds the reporter; if a hook raises, it stops the engine's processes
+    thread follows the events meanwhile and feeds the reporter; if that fails, it stops the engine's processes
     and its exception is the one raised.
     """
     from training_hub.engine.checkpoint import check_output_dir
@@ -344,15 +347,15 @@ def run_upstream(config, *, backend: str, launch: Callable[[UpstreamData], None]
     follower = EventFollower(events, reporter)
     spare = set(descendants(os.getpid()))  # the caller's own child processes are left alone on a stop
     done = threading.Event()
-    hook_failure: list[BaseException] = []
+    follow_failure: list[BaseException] = []
 
     def follow() -> None:
         try:
             while not done.wait(POLL_SECONDS):
                 follower.poll()
             follower.poll()  # the events written before the engine returned
-        except BaseException as exc:  # a hook (or logger) raised: stop the run; raised in the caller's thread
-            hook_failure.append(exc)
+        except BaseException as exc:  # the reporter failed (hooks' own errors are logged): stop the run
+            follow_failure.append(exc)
             stop_children(spare)
 
     previous = os.environ.get(EVENTS_ENV)
@@ -364,9 +367,9 @@ def run_upstream(config, *, backend: str, launch: Callable[[UpstreamData], None]
         try:
             launch(data)
         except BaseException as exc:
-            if not hook_failure:
+            if not follow_failure:
                 raise
-            raise hook_failure[0] from exc  # the engine failed because the hook stopped it
+            raise follow_failure[0] from exc  # the engine failed because the follower stopped it
         finally:
             done.set()
             watcher.join()
@@ -376,8 +379,8 @@ def run_upstream(config, *, backend: str, launch: Callable[[UpstreamData], None]
         else:
             os.environ[EVENTS_ENV] = previous
         reporter.close()
-    if hook_failure:
-        raise hook_failure[0]
+    if follow_failure:
+        raise follow_failure[0]
     result = TrainingResult(
         status="success", checkpoint_path=newest_checkpoint(root), output_dir=str(root),
         metrics={"final_loss": follower.last_loss, "steps": follower.steps, "samples": follower.samples,

@@ -50,6 +50,15 @@ class TrainingHubEvents(TrainerCallback):
     def on_train_begin(self, context):
         self._emit("train_begin", context)
 
+    def on_epoch_begin(self, context):
+        self._emit("epoch_begin", context)
+
+    def on_step_begin(self, context):
+        self._emit("step_begin", context)
+
+    def on_epoch_end(self, context):
+        self._emit("epoch_end", context)
+
     def on_step_end(self, context):
         self._emit("step", context)
 

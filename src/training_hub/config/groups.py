@@ -136,8 +136,9 @@ class LoggingParams(DeclaredConfig):
     mlflow_tracking_uri: Optional[str] = param(None, "MLflow tracking URI (a local file:// store works without a server).")
     mlflow_experiment_name: Optional[str] = param(None, "MLflow experiment name.")
     mlflow_run_name: Optional[str] = param(None, "MLflow run name.")
-    callbacks: Optional[list] = param(None, "TrainingHubCallback objects (or one) whose hooks the run calls: train begin, "
-                                            "step end, evaluate, save, train end.", cli=False)
+    callbacks: Optional[list] = param(None, "TrainingHubCallback objects (or one) whose hooks the run calls: train/epoch/"
+                                            "step begin and end, log, evaluate, save (upstream-style hooks too).",
+                                      cli=False)
 
     def checks(self) -> list[str]:
         problems = super().checks()

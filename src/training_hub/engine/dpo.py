@@ -285,7 +285,10 @@ def train_dpo(config) -> TrainingResult:
             while progress["epoch"] < config.num_epochs and progress["global_step"] < total_steps:
                 steps = plan_epoch(lengths, effective_batch_size=config.effective_batch_size,
                                    max_tokens_per_gpu=data.max_tokens, seed=config.seed, epoch=progress["epoch"])
+                if progress["step_in_epoch"] == 0:
+                    metrics.epoch_begin()
                 while progress["step_in_epoch"] < len(steps) and progress["global_step"] < total_steps:
+                    metrics.step_begin()
                     step = steps[progress["step_in_epoch"]]
                     t0 = time.perf_counter()
                     micros = [(micro, collate_pairs(data.train, micro, device)) for micro in step.micro_batches]
@@ -331,6 +334,7 @@ def train_dpo(config) -> TrainingResult:
                 if progress["step_in_epoch"] < len(steps):  # stopped by max_steps inside the epoch
                     break
                 end_of_epoch(config, progress, bool(data.validation), validate, save)
+                metrics.epoch_end()
 
             # -------------------------------------------------------------------------------------- save
             if status == "success" and config.save_final_checkpoint:

@@ -135,10 +135,16 @@ def _qualified_name(cls) -> str:
 
 
 def write_run_file(path: Path, config, method_class) -> None:
-    """What a worker needs to rebuild the run: the config's class and values, the method's class, the log level."""
+    """What a worker needs to rebuild the run: the config's class and values, the method's class, the log level.
+
+    Callbacks travel as their class source (``training_hub.callbacks.serialize_callbacks``)."""
+    from training_hub.callbacks import serialize_callbacks
+
+    params = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
+    callbacks = serialize_callbacks(params.pop("callbacks", None) or [])
     spec = {"config_class": _qualified_name(type(config)),
             "method_class": _qualified_name(method_class) if method_class else None,
-            "params": {f.name: getattr(config, f.name) for f in dataclasses.fields(config)},
+            "params": params, "callbacks": callbacks,
             "log_level": logging.getLogger("training_hub").getEffectiveLevel()}
     try:
         path.write_text(json.dumps(spec, indent=1))

@@ -5,12 +5,15 @@
 
     metrics = RunReporter(MetricsWriter(...), config, backend="native")   # drop-in for the writer
     metrics.begin(total_steps=...)          # on_train_begin; loggers start
-    metrics.write(record)                   # metrics.jsonl + on_step_end / on_evaluate + loggers
+    metrics.epoch_begin() / step_begin()    # on_epoch_begin / on_step_begin
+    metrics.write(record)                   # metrics.jsonl + on_step_end / on_evaluate, on_log + loggers
     metrics.saved(path)                     # on_save
+    metrics.epoch_end()                     # on_epoch_end
     metrics.close()                         # writer and loggers closed (in the loop's finally)
     metrics.end(result)                     # on_train_end
 
-Ranks other than 0 pass ``enabled=False``: their records are discarded and no hook or logger runs.
+Ranks other than 0 pass ``enabled=False``: their records are discarded, no logger runs, and only callbacks with
+``run_on_all_ranks = True`` are called (with ``ctx.is_main_process`` False).
 """
 
 from __future__ import annotations
@@ -25,7 +28,11 @@ class RunReporter:
         self.writer = writer
         self.enabled = enabled
         self.ctx = make_context(config, backend)
-        self.callbacks = CallbackList(getattr(config, "callbacks", None) if enabled else None)
+        self.ctx.is_main_process = enabled
+        callbacks = getattr(config, "callbacks", None) or []
+        if not enabled:
+            callbacks = [c for c in callbacks if getattr(c, "run_on_all_ranks", False)]
+        self.callbacks = CallbackList(callbacks)
         self.loggers = None
         if enabled:
             from training_hub.integrations.loggers import build_loggers
@@ -36,25 +43,40 @@ class RunReporter:
         self.ctx.total_steps, self.ctx.step, self.ctx.samples_seen = total_steps, step, samples_seen
         if self.enabled:
             self.loggers.start(self.ctx)
-            self.callbacks.call("on_train_begin", self.ctx)
+        self.callbacks.call("on_train_begin", self.ctx)
+
+    def epoch_begin(self) -> None:
+        self.callbacks.call("on_epoch_begin", self.ctx)
+
+    def step_begin(self) -> None:
+        self.callbacks.call("on_step_begin", self.ctx)
+
+    def epoch_end(self) -> None:
+        self.callbacks.call("on_epoch_end", self.ctx)
 
     def write(self, record: dict) -> None:
         self.writer.write(record)
-        if not self.enabled:
+        if not self.enabled and not self.callbacks:
             return
         self.ctx.step = record.get("step", self.ctx.step)
         self.ctx.epoch = record.get("epoch", self.ctx.epoch)
+        self.ctx.metrics = record
         if record.get("type") == "validation":
-            self.loggers.log(record, prefix="validation")
+            if self.enabled:
+                self.loggers.log(record, prefix="validation")
             self.callbacks.call("on_evaluate", self.ctx, record)
         else:
             self.ctx.samples_seen += record.get("samples", 0)
-            self.loggers.log(record, prefix="train")
+            self.ctx.loss = record.get("loss", self.ctx.loss)
+            self.ctx.learning_rate = record.get("lr", self.ctx.learning_rate)
+            if self.enabled:
+                self.loggers.log(record, prefix="train")
             self.callbacks.call("on_step_end", self.ctx, record)
+        self.callbacks.call("on_log", self.ctx)
 
     def saved(self, path: Any) -> None:
-        if self.enabled:
-            self.callbacks.call("on_save", self.ctx, str(path))
+        self.ctx.checkpoint_path = str(path)
+        self.callbacks.call("on_save", self.ctx, str(path))
 
     def close(self) -> None:
         self.writer.close()
@@ -62,5 +84,4 @@ class RunReporter:
             self.loggers.close()
 
     def end(self, result: Any) -> None:
-        if self.enabled:
-            self.callbacks.call("on_train_end", self.ctx, result)
+        self.callbacks.call("on_train_end", self.ctx, result)

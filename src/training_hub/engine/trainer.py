@@ -301,7 +301,10 @@ def train_sft(config, method: TrainingMethod | None = None) -> TrainingResult:
                 steps = plan_epoch(lengths, effective_batch_size=config.effective_batch_size,
                                    max_tokens_per_gpu=data.max_tokens, seed=config.seed, epoch=progress["epoch"],
                                    num_ranks=ranks.world_size, rank=ranks.rank)
+                if progress["step_in_epoch"] == 0:
+                    metrics.epoch_begin()
                 while progress["step_in_epoch"] < len(steps) and progress["global_step"] < total_steps:
+                    metrics.step_begin()
                     step = steps[progress["step_in_epoch"]]
                     t0 = time.perf_counter()
                     rows = [collate(data.train, micro, device) for micro in step.micro_batches]
@@ -357,6 +360,7 @@ def train_sft(config, method: TrainingMethod | None = None) -> TrainingResult:
                 if progress["step_in_epoch"] < len(steps):  # stopped by max_steps inside the epoch
                     break
                 end_of_epoch(config, progress, data.validation is not None, validate, save)
+                metrics.epoch_end()
 
             # -------------------------------------------------------------------------------------- save
             if status == "success" and config.save_final_checkpoint:

@@ -48,7 +48,12 @@ def main(argv: list[str]) -> None:
     logging.getLogger("training_hub").setLevel(spec["log_level"] if rank == 0 else max(spec["log_level"],
                                                                                          logging.WARNING))
     config_class = _import(spec["config_class"])
-    config = validate_params(config_class, spec["params"], what=f"the {config_class.__name__} of a launched run")
+    params = dict(spec["params"])
+    if spec.get("callbacks"):
+        from training_hub.callbacks import deserialize_callbacks
+
+        params["callbacks"] = deserialize_callbacks(spec["callbacks"])
+    config = validate_params(config_class, params, what=f"the {config_class.__name__} of a launched run")
     method = _import(spec["method_class"]).from_config(config) if spec["method_class"] else None
     result = train_sft(config, method)
     if int(os.environ.get("LOCAL_RANK", "0")) == 0:
