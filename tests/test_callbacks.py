@@ -98,13 +98,17 @@ def test_trl_sft_hooks_through_the_bridge(tiny_model_dir, chat_path, tmp_path):
     pytest.importorskip("trl")
     from training_hub import sft
 
-    recorder, out = Recorder(), tmp_path / "trl"
-    result = sft(str(tiny_model_dir), str(chat_path), str(out), backend="trl", callbacks=recorder,
+    recorder, upstream_style, out = Recorder(), UpstreamStyle(), tmp_path / "trl"
+    result = sft(str(tiny_model_dir), str(chat_path), str(out), backend="trl", callbacks=[recorder, upstream_style],
                  max_seq_len=256, max_tokens_per_gpu=4 * 256, effective_batch_size=4, max_steps=2, save_samples=4,
                  learning_rate=1e-3, disable_progress_bar=True)
     saves = check_run(recorder, result, out, algorithm="sft", backend="trl", steps=2)
     names = [Path(e[2]).name for e in saves]
     assert names[:2] == ["checkpoint-1", "checkpoint-2"] and names[-1].startswith("samples_")
+    kinds = [c[0] for c in upstream_style.calls]
+    assert kinds.count("step_begin") == kinds.count("step_end") == kinds.count("log") == 2
+    assert kinds[:3] == ["begin", "epoch_begin", "step_begin"] and kinds[-1] == "end"
+    assert [c[1] for c in upstream_style.calls if c[0] == "save"] == names
 
 
 def test_callbacks_must_be_callback_objects():

@@ -37,25 +37,22 @@ def hub_bridge(config, record_fn):
             self.ctx.samples_seen = state.global_step * config.effective_batch_size
 
         def on_train_begin(self, args, state, control, **kwargs):
-            self._sync(state)
             self.ctx.total_steps = state.max_steps
+            self._fire("on_train_begin", state)
+
+        def _fire(self, hook: str, state) -> None:
+            self._sync(state)
             if self.main:
-                self.hub.call("on_train_begin", self.ctx)
+                self.hub.call(hook, self.ctx)
 
         def on_epoch_begin(self, args, state, control, **kwargs):
-            self._sync(state)
-            if self.main:
-                self.hub.call("on_epoch_begin", self.ctx)
+            self._fire("on_epoch_begin", state)
 
         def on_step_begin(self, args, state, control, **kwargs):
-            self._sync(state)
-            if self.main:
-                self.hub.call("on_step_begin", self.ctx)
+            self._fire("on_step_begin", state)
 
         def on_epoch_end(self, args, state, control, **kwargs):
-            self._sync(state)
-            if self.main:
-                self.hub.call("on_epoch_end", self.ctx)
+            self._fire("on_epoch_end", state)
 
         def on_log(self, args, state, control, logs=None, **kwargs):
             self._sync(state)
