@@ -217,7 +217,7 @@ def cmd_demo(ns: argparse.Namespace) -> int:
 def cmd_plot(ns: argparse.Namespace) -> int:
     from training_hub.plot import plot_loss
 
-    print(f"wrote {plot_loss(ns.runs, ns.output, labels=ns.labels)}")
+    print(f"wrote {plot_loss(ns.runs, ns.output, labels=ns.labels, ema=ns.ema, metrics_file=ns.metrics_file)}")
     return 0
 
 
@@ -246,8 +246,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--output-dir", default="demo_output")
     plot = sub.add_parser("plot", help="Draw the loss curves of one or more runs (their metrics.jsonl) to a PNG.")
     plot.add_argument("runs", nargs="+", help="ckpt_output_dir of each run (or its metrics.jsonl)")
-    plot.add_argument("-o", "--output", default="loss.png")
+    plot.add_argument("-o", "--output", help="PNG to write (default: loss_plot.png in the first run's folder)")
     plot.add_argument("--labels", nargs="+", help="legend label for each run (default: folder names)")
+    plot.add_argument("--ema", action="store_true", help="overlay an exponential moving average of each curve")
+    plot.add_argument("--metrics-file", help="metrics file name inside each run (default: found automatically)")
     merge = sub.add_parser("merge", help="Merge a LoRA adapter into its base model: a plain HF checkpoint.")
     merge.add_argument("adapter_dir")
     merge.add_argument("out_dir")
