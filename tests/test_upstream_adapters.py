@@ -488,3 +488,16 @@ def test_engine_runs_in_the_calling_thread_and_its_failure_is_raised(tmp_path, t
     with pytest.raises(RuntimeError, match="Training failed"):
         run_upstream(config, backend="mini-trainer", launch=launch)
     assert (tmp_path / "out" / "metrics.jsonl").exists() and not (tmp_path / "out" / "hf_format").exists()
+
+
+def test_upstream_class_api(no_cuda, tmp_path):
+    """The upstream docs' class-based use: the adapter classes are top-level names."""
+    from training_hub import InstructLabTrainingSFTBackend as ILab, MiniTrainerOSFTBackend as MT, OSFTAlgorithm
+
+    algorithm = OSFTAlgorithm(backend=MT())
+    assert AlgorithmRegistry.get_backend("osft", "mini-trainer") is MT
+    assert AlgorithmRegistry.get_backend("sft", "instructlab-training") is ILab
+    with pytest.raises(RuntimeError, match="mini-trainer trains on CUDA GPUs only"):
+        algorithm.train(model_path="m", data_path="d.jsonl", ckpt_output_dir=str(tmp_path / "o"),
+                        unfreeze_rank_ratio=0.3, effective_batch_size=16, max_tokens_per_gpu=2048, max_seq_len=1024,
+                        learning_rate=5e-6)

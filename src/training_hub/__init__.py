@@ -10,6 +10,8 @@ from training_hub.algorithms import (
     DPOAlgorithm, DPOConfig, LoRASFTAlgorithm, LoRASFTConfig, OSFTAlgorithm, OSFTConfig, SFTAlgorithm, SFTConfig,
     dpo, lora_sft, osft, sft,
 )
+from training_hub.backends.instructlab_training import InstructLabTrainingSFTBackend
+from training_hub.backends.mini_trainer_osft import MiniTrainerOSFTBackend
 from training_hub.callbacks import TrainingContext, TrainingHubCallback, TrainingHubContext
 from training_hub.compat import UpstreamParameterWarning
 from training_hub.config.declare import ParameterError
@@ -17,10 +19,11 @@ from training_hub.config.declare import ParameterError
 __version__ = "0.1.0"
 
 __all__ = [
-    "Algorithm", "AlgorithmRegistry", "Availability", "Backend", "DPOAlgorithm", "DPOConfig", "LoRASFTAlgorithm",
-    "LoRASFTConfig", "OSFTAlgorithm", "OSFTConfig", "ParameterError", "SFTAlgorithm", "SFTConfig", "TrainingContext",
-    "TrainingHubCallback", "TrainingHubContext", "TrainingResult", "UpstreamParameterWarning", "create_algorithm", "dpo",
-    "lora_sft", "merge_adapter", "osft", "plot_loss", "sft",
+    "Algorithm", "AlgorithmRegistry", "Availability", "Backend", "DPOAlgorithm", "DPOConfig",
+    "InstructLabTrainingSFTBackend", "LoRASFTAlgorithm", "LoRASFTConfig", "MiniTrainerOSFTBackend", "OSFTAlgorithm",
+    "OSFTConfig", "ParameterError", "SFTAlgorithm", "SFTConfig", "TrainingContext", "TrainingHubCallback",
+    "TrainingHubContext", "TrainingResult", "UpstreamParameterWarning", "create_algorithm", "dpo", "lora_sft",
+    "merge_adapter", "osft", "plot_loss", "sft",
 ]
 
 
