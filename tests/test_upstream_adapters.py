@@ -164,6 +164,20 @@ def test_mini_trainer_translation_against_the_real_classes():
         2, 0, "10.0.0.1", 29501)
 
 
+def test_mini_trainer_sft_is_osft_off(fake_cuda):
+    pytest.importorskip("mini_trainer")
+    from training_hub.algorithms.base import choose_backend
+    from training_hub.backends.mini_trainer_osft import MiniTrainerSFTBackend
+
+    args, _ = mini_trainer_args(sft_config(learning_rate=1e-5), DATA)
+    assert args.osft is False and args.osft_unfreeze_rank_ratio is None and args.learning_rate == 1e-5
+    assert AlgorithmRegistry.get_backend("sft", "mini-trainer") is MiniTrainerSFTBackend
+    assert "train_dtype" in MiniTrainerSFTBackend.passthrough_params()
+    assert "osft_unfreeze_rank_ratio" not in MiniTrainerSFTBackend.passthrough_params()
+    call = dict(model_path="m", data_path="d.jsonl", ckpt_output_dir="out")
+    assert choose_backend("sft", {**call, "train_dtype": "bfloat16"}) == "mini-trainer"  # its option, its engine
+
+
 def test_mini_trainer_translation_steps_schedules_and_validation_file():
     mt = pytest.importorskip("mini_trainer")
     args, _ = mini_trainer_args(osft_config(max_steps=12, lr_scheduler="constant", warmup_steps=2),

@@ -5,13 +5,14 @@ from training_hub.algorithms.lora import LoRASFTAlgorithm, LoRASFTConfig, lora_s
 from training_hub.algorithms.osft import OSFTAlgorithm, OSFTConfig, osft
 from training_hub.algorithms.sft import SFTAlgorithm, SFTConfig, sft
 from training_hub.backends.instructlab_training import InstructLabTrainingSFTBackend
-from training_hub.backends.mini_trainer_osft import MiniTrainerOSFTBackend
+from training_hub.backends.mini_trainer_osft import MiniTrainerOSFTBackend, MiniTrainerSFTBackend
 from training_hub.backends.native import NativeDPOBackend, NativeLoRASFTBackend, NativeOSFTBackend, NativeSFTBackend
 from training_hub.backends.trl import TRLDPOBackend, TRLLoRASFTBackend, TRLSFTBackend
 from training_hub.registry import AlgorithmRegistry
 
 AlgorithmRegistry._add_builtin("sft", SFTAlgorithm, {"native": NativeSFTBackend, "trl": TRLSFTBackend,
-                                                     "instructlab-training": InstructLabTrainingSFTBackend})
+                                                     "instructlab-training": InstructLabTrainingSFTBackend,
+                                                     "mini-trainer": MiniTrainerSFTBackend})
 AlgorithmRegistry._add_builtin("osft", OSFTAlgorithm, {"native": NativeOSFTBackend,
                                                        "mini-trainer": MiniTrainerOSFTBackend})
 AlgorithmRegistry._add_builtin("lora_sft", LoRASFTAlgorithm, {"native": NativeLoRASFTBackend, "trl": TRLLoRASFTBackend})

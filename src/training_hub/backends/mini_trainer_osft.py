@@ -1,4 +1,4 @@
-"""The ``mini-trainer`` backend of ``osft``: Red Hat AI Innovation's mini-trainer runs the OSFT training.
+"""The ``mini-trainer`` backends of ``osft`` (and of ``sft``): Red Hat AI Innovation's mini-trainer trains.
 
 Install with ``pip install 'training-hub[mini-trainer]'`` (package ``rhai-innovation-mini-trainer``); it trains on
 CUDA GPUs only (FSDP2), so ``is_available()`` is False elsewhere and the default backend falls to ``native``.
@@ -15,7 +15,8 @@ How our parameters map (``TrainingArgs`` field in brackets):
   ``warmup_steps`` [num_warmup_steps], ``num_epochs`` [max_epochs], ``max_steps`` [training_mode=STEP, max_steps],
   ``save_samples`` [min_samples_per_checkpoint], ``eval_steps`` [validation_frequency], ``use_liger``
   [use_liger_kernels], ``unfreeze_rank_ratio`` [osft_unfreeze_rank_ratio], ``target_patterns``
-  [osft_target_patterns]; ``osft=True``; validation data (a split or ``validation_data_path``) is also evaluated
+  [osft_target_patterns]; ``osft=True`` (``MiniTrainerSFTBackend``, sft on mini-trainer as upstream offers it:
+  ``osft=False``); validation data (a split or ``validation_data_path``) is also evaluated
   at every epoch end [validate_at_epoch], as in the native engine.
 * Schedules go to ``transformers.get_scheduler``: ``constant`` becomes ``constant_with_warmup`` when there is a
   warmup, cosine with ``lr_scheduler_kwargs={'min_lr_ratio': r}`` becomes ``cosine_with_min_lr``.
@@ -78,8 +79,9 @@ def _schedule(config) -> tuple[str, dict]:
 
 
 def mini_trainer_args(config, data: UpstreamData, options: Dict[str, Any] | None = None):
-    """Our validated ``OSFTConfig`` (with the prepared data) as ``(TrainingArgs, TorchrunArgs)`` of
-    ``mini_trainer``; ``options`` are TrainingArgs fields the caller passed through (they win)."""
+    """Our validated ``OSFTConfig`` (``osft=True``) or ``SFTConfig`` (``osft=False``), with the prepared data, as
+    ``(TrainingArgs, TorchrunArgs)`` of ``mini_trainer``; ``options`` are TrainingArgs fields the caller passed
+    through (they win)."""
     from mini_trainer import PretrainingConfig, TorchrunArgs, TrainingArgs, TrainingMode
 
     from training_hub.backends.upstream_events import TrainingHubEvents
@@ -102,9 +104,6 @@ def mini_trainer_args(config, data: UpstreamData, options: Dict[str, Any] | None
         eps=config.eps,
         weight_decay=config.weight_decay,
         use_liger_kernels=config.use_liger,
-        osft=True,
-        osft_unfreeze_rank_ratio=config.unfreeze_rank_ratio,
-        osft_target_patterns=config.target_patterns,
         min_samples_per_checkpoint=config.save_samples or None,
         training_mode=TrainingMode.STEP if config.max_steps else TrainingMode.EPOCH,
         max_epochs=config.num_epochs,
@@ -115,10 +114,14 @@ def mini_trainer_args(config, data: UpstreamData, options: Dict[str, Any] | None
         validation_data_path=data.validation_path,
         validation_frequency=config.eval_steps if has_validation else None,
         validate_at_epoch=has_validation,
-        save_best_val_loss=config.save_best_val_loss,
+        save_best_val_loss=getattr(config, "save_best_val_loss", False),
         trust_remote_code=config.trust_remote_code,
         callbacks=[TrainingHubEvents()],
     )
+    osft = hasattr(config, "unfreeze_rank_ratio")  # an OSFTConfig; an SFTConfig trains every weight
+    fields["osft"] = osft
+    if osft:
+        fields.update(osft_unfreeze_rank_ratio=config.unfreeze_rank_ratio, osft_target_patterns=config.target_patterns)
     if config.dtype == "float32":
         fields["train_dtype"] = "float32"
     if config.is_pretraining and data.pretokenized:
@@ -129,10 +132,16 @@ def mini_trainer_args(config, data: UpstreamData, options: Dict[str, Any] | None
     return TrainingArgs(**fields), TorchrunArgs(**torchrun_fields(config))
 
 
-class MiniTrainerOSFTBackend(Backend):
-    """OSFT through ``mini_trainer.run_training`` (CUDA only)."""
+class _MiniTrainerBackend(Backend):
+    """Shared by the osft and sft backends on mini-trainer (CUDA only)."""
 
+    algorithm: str
     upstream_handles = ("use_liger", "use_processed_dataset", "save_best_val_loss")  # see training_hub.compat
+    not_passed = NOT_PASSED
+
+    @classmethod
+    def config_class(cls) -> type:
+        raise NotImplementedError
 
     @classmethod
     def is_available(cls) -> Availability:
@@ -146,17 +155,14 @@ class MiniTrainerOSFTBackend(Backend):
     @classmethod
     def passthrough_params(cls) -> frozenset[str]:
         """mini_trainer.TrainingArgs fields accepted as they are; empty when mini-trainer is not installed."""
-        from training_hub.algorithms.osft import OSFTConfig
-
         module = engine_module("mini_trainer", "training_types.py")
-        return engine_options(module.TrainingArgs, NOT_PASSED, OSFTConfig) if module else frozenset()
+        return engine_options(module.TrainingArgs, cls.not_passed, cls.config_class()) if module else frozenset()
 
     def execute_training(self, algorithm_params: Dict[str, Any]) -> Any:
-        from training_hub.algorithms.osft import OSFTConfig
         from training_hub.config.declare import validate_params
 
         params, options = split_params(algorithm_params, self.passthrough_params())
-        config = validate_params(OSFTConfig, params, what=f"the {NAME} osft backend")
+        config = validate_params(self.config_class(), params, what=f"the {NAME} {self.algorithm} backend")
         refuse_unsupported(config, set(params), RULES, NAME)
 
         def translate(data: UpstreamData):
@@ -171,3 +177,29 @@ class MiniTrainerOSFTBackend(Backend):
             run_training(torch_args=torch_args, train_args=train_args)
 
         return run_upstream(config, backend=NAME, launch=launch)
+
+
+class MiniTrainerOSFTBackend(_MiniTrainerBackend):
+    """OSFT through ``mini_trainer.run_training`` (CUDA only); the default of ``osft()`` where it can run."""
+
+    algorithm = "osft"
+
+    @classmethod
+    def config_class(cls) -> type:
+        from training_hub.algorithms.osft import OSFTConfig
+
+        return OSFTConfig
+
+
+class MiniTrainerSFTBackend(_MiniTrainerBackend):
+    """Plain SFT through ``mini_trainer.run_training`` with ``osft=False`` (CUDA only), as upstream offers it;
+    used when named (``sft(..., backend="mini-trainer")``) or when a call passes one of mini-trainer's options."""
+
+    algorithm = "sft"
+    not_passed = NOT_PASSED | {"osft_unfreeze_rank_ratio", "osft_target_patterns", "osft_upcast_dtype"}
+
+    @classmethod
+    def config_class(cls) -> type:
+        from training_hub.algorithms.sft import SFTConfig
+
+        return SFTConfig
