@@ -36,7 +36,8 @@ def test_unknown_names_list_valid_names_and_closest(clean_registry):
     with pytest.raises(ValueError, match=r"Valid: dpo, lora_sft, osft, sft\. Did you mean 'sft'"):
         AlgorithmRegistry.get_algorithm("stf")
     AlgorithmRegistry.register_backend("sft", "echo", EchoBackend)
-    with pytest.raises(ValueError, match=r"Valid: echo, instructlab-training, mini-trainer, native, trl\. Did you mean 'native'"):
+    with pytest.raises(ValueError,
+                       match=r"Valid: echo, instructlab-training, mini-trainer, native, trl\. Did you mean 'native'"):
         AlgorithmRegistry.get_backend("sft", "natve")
 
 

@@ -18,7 +18,8 @@ TABLE_BEGIN, TABLE_END = "<!-- backends-table:begin -->", "<!-- backends-table:e
 
 def backends_table() -> str:
     """Markdown table of every built-in algorithm, its backends and the default (by preference)."""
-    rows = ["| algorithm | backends (preference order: the first that can run here is the default) | function |", "|---|---|---|"]
+    rows = ["| algorithm | backends (preference order: the first that can run here is the default) | function |",
+            "|---|---|---|"]
     for algo in AlgorithmRegistry.list_algorithms():
         algorithm_class = AlgorithmRegistry.get_algorithm(algo)
         names = AlgorithmRegistry.list_backends(algo)

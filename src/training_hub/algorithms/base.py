@@ -50,8 +50,8 @@ class DeclaredAlgorithm(Algorithm):
 
     def _with_passthrough_hints(self, error: ParameterError, unknown: list[str]) -> ParameterError:
         """Name the backend whose engine option an unknown parameter is, where one is."""
-        owners = {name: [b for b, cls in AlgorithmRegistry._backends.get(self.name, {}).items()
-                         if name in passthrough_names(cls)] for name in unknown}
+        backends = {b: AlgorithmRegistry.get_backend(self.name, b) for b in AlgorithmRegistry.list_backends(self.name)}
+        owners = {name: [b for b, cls in backends.items() if name in passthrough_names(cls)] for name in unknown}
         problems = []
         for line in error.problems:
             name = line.split(":", 1)[0]
@@ -136,9 +136,12 @@ def choose_backend(name: str, params: Dict[str, Any]) -> str:
                 warnings.simplefilter("ignore")
                 try:
                     config, names = compat.apply(base, given, backend_cls, what=f"{name}()")
-                    problems = list(check(config, set(names) - extra))
                 except (ValueError, TypeError):
-                    return default
+                    return default  # train() reports the problems
+                try:
+                    problems = list(check(config, set(names) - extra))
+                except Exception as exc:  # a broken check must not block the call; the backend still validates
+                    logger.debug("refusals() of %s raised %r; treated as none", candidate, exc)
         if not problems:
             if passed_over:
                 reasons = "; ".join(f"{n} cannot take {', '.join(p.split(': ', 1)[0] for p in problems)}"
