@@ -127,3 +127,68 @@ def test_every_upstream_name_is_declared():
     assert shared - set(param_specs(SFTConfig)) == set()
     assert (shared | osft_only) - set(param_specs(OSFTConfig)) == set()
     assert (shared | lora_only) - set(param_specs(LoRASFTConfig)) == set()
+
+
+# An upstream-style user script, run as a program: its callback class lives in __main__ (so its source must travel
+# to the two workers the call launches), it passes upstream parameter names and plots with the upstream signature.
+SCRIPT = '''
+import sys
+
+from training_hub import TrainingHubCallback, TrainingHubContext, osft, plot_loss
+
+
+class StepPrinter(TrainingHubCallback):
+    """Module level, imports inside the hooks, as upstream asks of callbacks for torchrun backends."""
+
+    def on_train_begin(self, context: TrainingHubContext) -> None:
+        print(f"[BEGIN] main={context.is_main_process}", flush=True)
+
+    def on_log(self, context: TrainingHubContext) -> None:
+        print(f"[LOG] step={context.step} loss={context.loss:.4f} lr={context.learning_rate}", flush=True)
+
+    def on_train_end(self, context: TrainingHubContext) -> None:
+        print(f"[END] step={context.step}", flush=True)
+
+
+def main():
+    model, data, out = sys.argv[1:4]
+    result = osft(model_path=model, data_path=data, ckpt_output_dir=out, unfreeze_rank_ratio=0.25,
+                  effective_batch_size=8, max_tokens_per_gpu=2048, max_seq_len=256, learning_rate=1e-3,
+                  num_epochs=1, nproc_per_node=2, checkpoint_at_epoch=True, save_final_checkpoint=None,
+                  use_liger=None, seed=42, lr_scheduler="cosine", warmup_steps=0, callbacks=[StepPrinter()])
+    print("CHECKPOINT", result["checkpoint_path"], "PROCESSES", result["metrics"]["num_processes"], flush=True)
+    print("PLOT", plot_loss(out, ema=True), flush=True)
+
+
+if __name__ == "__main__":
+    main()
+'''
+
+
+@pytest.mark.slow
+def test_an_upstream_style_script_runs_unchanged(tmp_path, tiny_model_dir):
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from training_hub.tiny import demo_data_path
+
+    data = tmp_path / "chat.jsonl"
+    data.write_text("\n".join(demo_data_path().read_text().splitlines()[:32]) + "\n")
+    script = tmp_path / "upstream_script.py"
+    script.write_text(SCRIPT)
+    out = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, str(script), str(tiny_model_dir), str(data), str(out)], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = done.stdout.splitlines()
+    steps = [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4]  # 32 samples, 8 per step
+    assert [x for x in lines if x.startswith("[BEGIN]")] == ["[BEGIN] main=True"]  # rank 0 only
+    assert [int(x.split()[1].split("=")[1]) for x in lines if x.startswith("[LOG]")] == steps
+    assert "[END] step=4" in lines
+    assert f"CHECKPOINT {out / 'hf_format' / 'samples_32'} PROCESSES 2" in lines
+    assert f"PLOT {out / 'loss_plot.png'}" in lines and Path(out / "loss_plot.png").stat().st_size > 5000
