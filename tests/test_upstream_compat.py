@@ -132,6 +132,7 @@ def test_every_upstream_name_is_declared():
 # An upstream-style user script, run as a program: its callback class lives in __main__ (so its source must travel
 # to the two workers the call launches), it passes upstream parameter names and plots with the upstream signature.
 SCRIPT = '''
+import os
 import sys
 
 from training_hub import TrainingHubCallback, TrainingHubContext, osft, plot_loss
@@ -152,9 +153,11 @@ class StepPrinter(TrainingHubCallback):
 
 def main():
     model, data, out = sys.argv[1:4]
+    os.makedirs(out, exist_ok=True)  # upstream examples create the output directory first
     result = osft(model_path=model, data_path=data, ckpt_output_dir=out, unfreeze_rank_ratio=0.25,
                   effective_batch_size=8, max_tokens_per_gpu=2048, max_seq_len=256, learning_rate=1e-3,
-                  num_epochs=1, nproc_per_node=2, checkpoint_at_epoch=True, save_final_checkpoint=None,
+                  num_epochs=1, nproc_per_node=2, nnodes=1, node_rank=0, rdzv_id=100, checkpoint_at_epoch=True,
+                  save_final_checkpoint=None,
                   use_liger=None, seed=42, lr_scheduler="cosine", warmup_steps=0, callbacks=[StepPrinter()])
     print("CHECKPOINT", result["checkpoint_path"], "PROCESSES", result["metrics"]["num_processes"], flush=True)
     print("PLOT", plot_loss(out, ema=True), flush=True)
