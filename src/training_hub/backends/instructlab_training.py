@@ -32,11 +32,7 @@ from __future__ import annotations
 
 from typing import Any, Dict
 
-from training_hub.backends.upstream_bridge import (
-    Rules, UpstreamData, engine_module, engine_options, refuse_unsupported, run_upstream, split_params, torchrun_fields,
-    unsupported, upstream_availability,
-)
-from training_hub.registry import Availability, Backend
+from training_hub.backends.upstream_bridge import Rules, UpstreamAdapter, UpstreamData, torchrun_fields
 
 NAME = "instructlab-training"
 
@@ -111,47 +107,26 @@ def instructlab_training_args(config, data: UpstreamData, given: frozenset[str] 
     return TrainingArgs(**fields), TorchrunArgs(**torchrun_fields(config))
 
 
-class InstructLabTrainingSFTBackend(Backend):
+class InstructLabTrainingSFTBackend(UpstreamAdapter):
     """SFT through ``instructlab.training.run_training`` (CUDA only)."""
 
+    engine, algorithm = NAME, "sft"
+    package, distribution, extra, args_file = "instructlab.training", "instructlab-training", "instructlab", "config.py"
+    rules, not_passed = RULES, NOT_PASSED
     upstream_handles = ("use_liger", "use_processed_dataset", "accelerate_full_state_at_epoch")  # training_hub.compat
 
     @classmethod
-    def is_available(cls) -> Availability:
-        return upstream_availability("instructlab.training", "instructlab-training", "instructlab", NAME)
-
-    @classmethod
-    def refusals(cls, config, given: set[str]) -> list[str]:
-        """The given parameters the engine has no setting for (see ``RULES``); used to choose the default."""
-        return unsupported(config, given, RULES)
-
-    @classmethod
-    def passthrough_params(cls) -> frozenset[str]:
-        """instructlab.training.TrainingArgs fields accepted as they are (e.g. ``disable_flash_attn``,
-        ``fsdp_options``, ``deepspeed_options``, ``log_level``); empty when the library is not installed."""
+    def config_class(cls) -> type:
         from training_hub.algorithms.sft import SFTConfig
 
-        module = engine_module("instructlab.training", "config.py")
-        return engine_options(module.TrainingArgs, NOT_PASSED, SFTConfig) if module else frozenset()
+        return SFTConfig
 
-    def execute_training(self, algorithm_params: Dict[str, Any]) -> Any:
-        from training_hub.algorithms.sft import SFTConfig
-        from training_hub.config.declare import validate_params
+    @classmethod
+    def translate(cls, config, data: UpstreamData, given: set[str], options: Dict[str, Any]):
+        return instructlab_training_args(config, data, given, options)
 
-        params, options = split_params(algorithm_params, self.passthrough_params())
-        config = validate_params(SFTConfig, params, what=f"the {NAME} sft backend")
-        given = set(params)
-        refuse_unsupported(config, given, RULES, NAME)
+    @classmethod
+    def run_engine(cls, torch_args, train_args) -> None:
+        from instructlab.training import run_training
 
-        def translate(data: UpstreamData):
-            return instructlab_training_args(config, data, given, options)
-
-        translate(UpstreamData("data.jsonl"))  # passed-through options and torchrun settings fail here, before any work
-
-        def launch(data: UpstreamData) -> None:
-            from instructlab.training import run_training
-
-            train_args, torch_args = translate(data)
-            run_training(torch_args=torch_args, train_args=train_args)
-
-        return run_upstream(config, backend=NAME, launch=launch)
+        run_training(torch_args=torch_args, train_args=train_args)

@@ -33,11 +33,7 @@ from __future__ import annotations
 
 from typing import Any, Dict
 
-from training_hub.backends.upstream_bridge import (
-    Rules, UpstreamData, engine_module, engine_options, refuse_unsupported, run_upstream, split_params, torchrun_fields,
-    unsupported, upstream_availability,
-)
-from training_hub.registry import Availability, Backend
+from training_hub.backends.upstream_bridge import Rules, UpstreamAdapter, UpstreamData, torchrun_fields
 
 NAME = "mini-trainer"
 
@@ -132,51 +128,24 @@ def mini_trainer_args(config, data: UpstreamData, options: Dict[str, Any] | None
     return TrainingArgs(**fields), TorchrunArgs(**torchrun_fields(config))
 
 
-class _MiniTrainerBackend(Backend):
+class _MiniTrainerBackend(UpstreamAdapter):
     """Shared by the osft and sft backends on mini-trainer (CUDA only)."""
 
-    algorithm: str
+    engine = NAME
+    package, distribution, extra, args_file = ("mini_trainer", "rhai-innovation-mini-trainer", "mini-trainer",
+                                               "training_types.py")
+    rules, not_passed = RULES, NOT_PASSED
     upstream_handles = ("use_liger", "use_processed_dataset", "save_best_val_loss")  # see training_hub.compat
-    not_passed = NOT_PASSED
 
     @classmethod
-    def config_class(cls) -> type:
-        raise NotImplementedError
+    def translate(cls, config, data: UpstreamData, given: set[str], options: Dict[str, Any]):
+        return mini_trainer_args(config, data, options)
 
     @classmethod
-    def is_available(cls) -> Availability:
-        return upstream_availability("mini_trainer", "rhai-innovation-mini-trainer", "mini-trainer", NAME)
+    def run_engine(cls, torch_args, train_args) -> None:
+        from mini_trainer import run_training
 
-    @classmethod
-    def refusals(cls, config, given: set[str]) -> list[str]:
-        """The given parameters the engine has no setting for (see ``RULES``); used to choose the default."""
-        return unsupported(config, given, RULES)
-
-    @classmethod
-    def passthrough_params(cls) -> frozenset[str]:
-        """mini_trainer.TrainingArgs fields accepted as they are; empty when mini-trainer is not installed."""
-        module = engine_module("mini_trainer", "training_types.py")
-        return engine_options(module.TrainingArgs, cls.not_passed, cls.config_class()) if module else frozenset()
-
-    def execute_training(self, algorithm_params: Dict[str, Any]) -> Any:
-        from training_hub.config.declare import validate_params
-
-        params, options = split_params(algorithm_params, self.passthrough_params())
-        config = validate_params(self.config_class(), params, what=f"the {NAME} {self.algorithm} backend")
-        refuse_unsupported(config, set(params), RULES, NAME)
-
-        def translate(data: UpstreamData):
-            return mini_trainer_args(config, data, options)
-
-        translate(UpstreamData("data.jsonl"))  # passed-through options and torchrun settings fail here, before any work
-
-        def launch(data: UpstreamData) -> None:
-            from mini_trainer import run_training
-
-            train_args, torch_args = translate(data)
-            run_training(torch_args=torch_args, train_args=train_args)
-
-        return run_upstream(config, backend=NAME, launch=launch)
+        run_training(torch_args=torch_args, train_args=train_args)
 
 
 class MiniTrainerOSFTBackend(_MiniTrainerBackend):

@@ -37,10 +37,10 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, ClassVar, Dict
 
 from training_hub.config.declare import ParameterError
-from training_hub.registry import Availability
+from training_hub.registry import Availability, Backend
 
 logger = logging.getLogger("training_hub")
 
@@ -388,3 +388,68 @@ def run_upstream(config, *, backend: str, launch: Callable[[UpstreamData], None]
         extra={"backend": backend, "data_path": data.train_path})
     reporter.end(result)
     return result
+
+
+# ------------------------------------------------------------------------------------------------ the backend
+
+
+class UpstreamAdapter(Backend):
+    """A backend that hands training to an upstream engine; a subclass declares the engine and its translation.
+
+    ``execute_training``: split off the engine options, validate the rest against our declaration, refuse what
+    the engine cannot honour, translate once with placeholder data (the engine's own classes check the options
+    before any work), then :func:`run_upstream`.
+    """
+
+    engine: ClassVar[str]  # our backend name, e.g. "mini-trainer"
+    algorithm: ClassVar[str]
+    package: ClassVar[str]  # the engine's importable package, e.g. "instructlab.training"
+    distribution: ClassVar[str]  # its PyPI name
+    extra: ClassVar[str]  # our extra that installs it
+    args_file: ClassVar[str]  # the module file (in ``package``) that declares its TrainingArgs
+    rules: ClassVar[Rules] = {}
+    not_passed: ClassVar[frozenset[str]] = frozenset()  # TrainingArgs fields the adapter owns
+
+    @classmethod
+    def config_class(cls) -> type:
+        raise NotImplementedError
+
+    @classmethod
+    def translate(cls, config, data: UpstreamData, given: set[str], options: Dict[str, Any]):
+        """``(TrainingArgs, TorchrunArgs)`` of the engine."""
+        raise NotImplementedError
+
+    @classmethod
+    def run_engine(cls, torch_args, train_args) -> None:
+        raise NotImplementedError
+
+    @classmethod
+    def is_available(cls) -> Availability:
+        return upstream_availability(cls.package, cls.distribution, cls.extra, cls.engine)
+
+    @classmethod
+    def refusals(cls, config, given: set[str]) -> list[str]:
+        """The given parameters the engine has no setting for (``rules``); used to choose the default backend."""
+        return unsupported(config, given, cls.rules)
+
+    @classmethod
+    def passthrough_params(cls) -> frozenset[str]:
+        """The engine's TrainingArgs fields accepted as they are; empty when the engine is not installed."""
+        module = engine_module(cls.package, cls.args_file)
+        return engine_options(module.TrainingArgs, cls.not_passed, cls.config_class()) if module else frozenset()
+
+    def execute_training(self, algorithm_params: Dict[str, Any]) -> Any:
+        from training_hub.config.declare import validate_params
+
+        params, options = split_params(algorithm_params, self.passthrough_params())
+        config = validate_params(self.config_class(), params, what=f"the {self.engine} {self.algorithm} backend")
+        given = set(params)
+        refuse_unsupported(config, given, self.rules, self.engine)
+        self.translate(config, UpstreamData("data.jsonl"), given, options)  # bad options fail here, before any work
+
+        def launch(data: UpstreamData) -> None:
+            train_args, torch_args = self.translate(config, data, given, options)
+            self.run_engine(torch_args, train_args)
+
+        return run_upstream(config, backend=self.engine, launch=launch)
+
