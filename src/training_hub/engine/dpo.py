@@ -41,7 +41,7 @@ from training_hub.engine.metrics import MetricsWriter, peak_memory_bytes, progre
 from training_hub.engine.reporter import RunReporter
 from training_hub.engine.schedule import build_scheduler
 from training_hub.engine.trainer import (
-    after_step, check_resume_matches, device_and_autocast, end_of_epoch, load_model, stop_on_sigterm,
+    after_step, check_resume_matches, count_step, device_and_autocast, end_of_epoch, load_model, stop_on_sigterm,
 )
 from training_hub.losses.dpo import dpo_sigmoid_loss
 from training_hub.result import TrainingResult
@@ -303,13 +303,8 @@ def train_dpo(config) -> TrainingResult:
                     train_seconds += seconds
                     train_tokens += step.num_tokens
 
-                    before = progress["samples_seen"]
-                    progress["global_step"] += 1
-                    progress["step_in_epoch"] += 1
-                    progress["samples_seen"] += step.num_samples
-                    progress["tokens_seen"] += step.num_tokens
+                    before, epoch = count_step(progress, step, len(steps))
                     progress["last"] = stats
-                    epoch = progress["epoch"] + progress["step_in_epoch"] / len(steps)
                     loss_tokens = sum(int(row["loss_mask"].sum()) for _, row in micros)
                     record = step_record(step=progress["global_step"], epoch=epoch, loss=stats["loss"], lr=lr,
                                          grad_norm=grad_norm, samples=step.num_samples, tokens=step.num_tokens,
@@ -333,8 +328,7 @@ def train_dpo(config) -> TrainingResult:
                     break
                 if progress["step_in_epoch"] < len(steps):  # stopped by max_steps inside the epoch
                     break
-                end_of_epoch(config, progress, bool(data.validation), validate, save)
-                metrics.epoch_end()
+                end_of_epoch(config, progress, bool(data.validation), validate, save, metrics)
 
             # -------------------------------------------------------------------------------------- save
             if status == "success" and config.save_final_checkpoint:

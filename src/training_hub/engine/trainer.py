@@ -181,6 +181,17 @@ def check_resume_matches(saved: dict, current: dict) -> None:
                          "be continued: " + "; ".join(changed) + ". Use the original values or a new ckpt_output_dir.")
 
 
+def count_step(progress: dict, step, steps_in_epoch: int) -> tuple[int, float]:
+    """Advance the progress counters past one optimizer step of our loops; return (samples seen before it, the
+    fractional epoch after it)."""
+    before = progress["samples_seen"]
+    progress["global_step"] += 1
+    progress["step_in_epoch"] += 1
+    progress["samples_seen"] += step.num_samples
+    progress["tokens_seen"] += step.num_tokens
+    return before, progress["epoch"] + progress["step_in_epoch"] / steps_in_epoch
+
+
 def after_step(config, progress: dict, samples_before: int, validate, save) -> None:
     """The per-step schedule of our loops: validation every ``eval_steps``, a checkpoint every ``save_samples``."""
     if config.eval_steps and progress["global_step"] % config.eval_steps == 0:
@@ -190,14 +201,16 @@ def after_step(config, progress: dict, samples_before: int, validate, save) -> N
         save(hf=True)
 
 
-def end_of_epoch(config, progress: dict, has_validation: bool, validate, save) -> None:
-    """Advance to the next epoch; validate and (with ``checkpoint_at_epoch``) save the one just finished."""
+def end_of_epoch(config, progress: dict, has_validation: bool, validate, save, metrics) -> None:
+    """Advance to the next epoch; validate and (with ``checkpoint_at_epoch``) save the one just finished, then
+    tell the callbacks (``metrics`` is the run's RunReporter)."""
     progress["epoch"] += 1
     progress["step_in_epoch"] = 0
     if has_validation:
         validate()
     if config.checkpoint_at_epoch:
         save(hf=True)
+    metrics.epoch_end()
 
 
 # ---------------------------------------------------------------------------------------------------- train
@@ -331,13 +344,8 @@ def train_sft(config, method: TrainingMethod | None = None) -> TrainingResult:
                     train_seconds += seconds
                     train_tokens += step.num_tokens
 
-                    before = progress["samples_seen"]
-                    progress["global_step"] += 1
-                    progress["step_in_epoch"] += 1
-                    progress["samples_seen"] += step.num_samples
-                    progress["tokens_seen"] += step.num_tokens
+                    before, epoch = count_step(progress, step, len(steps))
                     progress["last_loss"] = loss
-                    epoch = progress["epoch"] + progress["step_in_epoch"] / len(steps)
                     record = step_record(step=progress["global_step"], epoch=epoch, loss=loss, lr=lr,
                                          grad_norm=grad_norm, samples=step.num_samples, tokens=step.num_tokens,
                                          loss_tokens=loss_tokens, seconds=seconds, elapsed=elapsed())
@@ -359,8 +367,7 @@ def train_sft(config, method: TrainingMethod | None = None) -> TrainingResult:
                     break
                 if progress["step_in_epoch"] < len(steps):  # stopped by max_steps inside the epoch
                     break
-                end_of_epoch(config, progress, data.validation is not None, validate, save)
-                metrics.epoch_end()
+                end_of_epoch(config, progress, data.validation is not None, validate, save, metrics)
 
             # -------------------------------------------------------------------------------------- save
             if status == "success" and config.save_final_checkpoint:
