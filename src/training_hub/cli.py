@@ -1,8 +1,23 @@
-"""The ``training-hub`` command. Flags of ``train`` are generated from each algorithm's declaration."""
+"""The ``training-hub`` command. Flags of ``train`` are generated from each algorithm's declaration.
+
+Boolean flags take an optional value: ``--resume``, ``--resume true``, ``--resume=false``, ``--no-resume``.
+
+Exit codes (every sub-command):
+
+* 0 -- success.
+* 1 -- a runtime failure of the environment: permission denied, no space left on device.
+* 2 -- a usage, parameter or data error: a bad flag or value, a stray positional value, an invalid or missing
+  config file, a missing or wrong path (``ValueError``, ``FileNotFoundError``, ``NotADirectoryError``,
+  ``IsADirectoryError``).
+
+These expected errors print one ``error: ...`` message and no traceback; ``--debug`` anywhere on the command
+line shows the full traceback instead. Any other exception is a bug and keeps its traceback.
+"""
 
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import sys
 import typing
@@ -63,13 +78,59 @@ def _candidates(tp: Any) -> list:
     return [str]
 
 
+_TRUE = ("true", "1", "yes", "on")
+_FALSE = ("false", "0", "no", "off")
+
+
 def _parse_bool(text: str) -> bool:
     lowered = text.lower()
-    if lowered in ("1", "true", "yes", "on"):
+    if lowered in _TRUE:
         return True
-    if lowered in ("0", "false", "no", "off"):
+    if lowered in _FALSE:
         return False
     raise ValueError(text)
+
+
+def _is_bool(tp: Any) -> tuple[bool, bool]:
+    """(is a bool flag, None is allowed) for ``bool`` and ``Optional[bool]``."""
+    if tp is bool:
+        return True, False
+    args = typing.get_args(tp)
+    if typing.get_origin(tp) in (typing.Union, getattr(__import__("types"), "UnionType")) \
+            and set(args) == {bool, type(None)}:
+        return True, True
+    return False, False
+
+
+class _BoolFlag(argparse.Action):
+    """``--flag`` (true), ``--flag VALUE`` / ``--flag=VALUE`` (true|false|1|0|yes|no|on|off), ``--no-flag`` (false).
+
+    Replaces ``argparse.BooleanOptionalAction``, which takes no value: ``--resume false`` turned the flag *on*.
+    """
+
+    def __init__(self, option_strings, dest, optional: bool = False, **kwargs):
+        self.optional = optional
+        names = list(option_strings)
+        names += [f"--no-{name[2:]}" for name in option_strings if name.startswith("--")]
+        super().__init__(names, dest, nargs="?", **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        if option_string and option_string.startswith("--no-"):
+            if values is not None:
+                raise argparse.ArgumentError(self, f"{option_string} takes no value, got {values!r}")
+            setattr(namespace, self.dest, False)
+            return
+        if values is None:
+            setattr(namespace, self.dest, True)
+            return
+        if self.optional and values.lower() in ("none", "null"):
+            setattr(namespace, self.dest, None)
+            return
+        try:
+            setattr(namespace, self.dest, _parse_bool(values))
+        except ValueError:
+            valid = "true|false (or 1|0, yes|no, on|off" + (", none)" if self.optional else ")")
+            raise argparse.ArgumentError(self, f"invalid value {values!r}; expected {valid}") from None
 
 
 def _json_dict(text: str) -> dict:
@@ -77,6 +138,17 @@ def _json_dict(text: str) -> dict:
     if not isinstance(value, dict):
         raise ValueError(text)
     return value
+
+
+class _HelpFormatter(argparse.HelpFormatter):
+    """Shows a boolean flag as ``--flag [true|false], --no-flag`` (the negated spelling takes no value)."""
+
+    def _format_action_invocation(self, action: argparse.Action) -> str:
+        if isinstance(action, _BoolFlag):
+            names = action.option_strings
+            plain = [n for n in names if not n.startswith("--no-")]
+            return ", ".join([*(f"{n} [{action.metavar}]" for n in plain), *(n for n in names if n not in plain)])
+        return super()._format_action_invocation(action)
 
 
 def _is_list(tp: Any) -> bool:
@@ -94,8 +166,9 @@ def add_declared_flags(parser: argparse.ArgumentParser, config_class: type) -> N
         default_text = "required" if spec.required else f"default: {spec.default!r}"
         help_text = f"{spec.doc} [{spec.type_name}; {default_text}]".replace("%", "%%")
         kwargs: dict[str, Any] = {"dest": spec.name, "default": argparse.SUPPRESS, "help": help_text}
-        if spec.type is bool:
-            kwargs["action"] = argparse.BooleanOptionalAction
+        is_bool, optional = _is_bool(spec.type)
+        if is_bool:
+            kwargs.update(action=_BoolFlag, optional=optional, metavar="true|false")
         elif _is_list(spec.type):
             kwargs.update(nargs="+", metavar="VALUE")
         else:
@@ -128,14 +201,56 @@ def cmd_list(_: argparse.Namespace) -> int:
     return 0
 
 
-def _load_config_file(path: str) -> dict[str, Any]:
+def _load_config_file(path: str, config_class: type | None = None) -> dict[str, Any]:
+    """The parameters of a YAML ``--config`` file; numbers PyYAML left as text are converted (see _yaml_number)."""
     import yaml
 
-    text = Path(path).read_text(encoding="utf-8")
-    data = yaml.safe_load(text) or {}
+    file = Path(path)
+    if not file.exists():
+        raise FileNotFoundError(f"config file not found: {path}")
+    if file.is_dir():
+        raise IsADirectoryError(f"config file {path} is a directory")
+    text = file.read_text(encoding="utf-8")
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}, line {mark.line + 1}" if mark is not None else path
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ValueError(f"config file {where}: invalid YAML: {problem}") from None
+    if data is None:
+        data = {}
     if not isinstance(data, dict):
-        raise SystemExit(f"{path}: expected a mapping of parameter names to values, got {type(data).__name__}")
-    return {str(k).replace("-", "_"): v for k, v in data.items()}
+        raise ValueError(f"config file {path}: expected a mapping of parameter names to values, "
+                         f"got {type(data).__name__}")
+    params = {str(k).replace("-", "_"): v for k, v in data.items()}
+    specs = param_specs(config_class) if config_class is not None else {}
+    return {k: (_yaml_number(v, specs[k].type) if k in specs else v) for k, v in params.items()}
+
+
+def _yaml_number(value: Any, tp: Any) -> Any:
+    """PyYAML (YAML 1.1) reads ``1e-4`` (no dot) as the string '1e-4': convert a string to the declared int/float.
+
+    Only where the declared type admits int or float and not str (nor the string as a Literal choice); a string
+    that does not parse is left for validation to report.
+    """
+    if not isinstance(value, str):
+        return value
+    members = set(typing.get_args(tp)) if typing.get_origin(tp) in (
+        typing.Union, getattr(__import__("types"), "UnionType")) else {tp}
+    if str in members or value in _literal_args(members):
+        return value
+    for number in (int, float):
+        if number in members:
+            try:
+                return number(value)
+            except ValueError:
+                continue
+    return value
+
+
+def _literal_args(members: set) -> tuple:
+    return tuple(a for m in members if typing.get_origin(m) is typing.Literal for a in typing.get_args(m))
 
 
 def cmd_train(argv: Sequence[str]) -> int:
@@ -152,6 +267,7 @@ def cmd_train(argv: Sequence[str]) -> int:
         return 2
     parser = argparse.ArgumentParser(
         prog=f"training-hub train {name}", description=(algorithm_class.__doc__ or "").strip(), allow_abbrev=False,
+        formatter_class=_HelpFormatter,
         usage=f"training-hub train {name} [--config FILE.yaml] [--backend NAME] --model-path PATH "
               "--data-path PATH --ckpt-output-dir DIR [--PARAMETER VALUE ...]")
     parser.add_argument("--config", help="YAML file of parameters; flags given here override it.")
@@ -159,9 +275,13 @@ def cmd_train(argv: Sequence[str]) -> int:
                                           "default: first available).")
     add_declared_flags(parser, config_class)
     known, unknown = parser.parse_known_args(_normalise_flags(argv[1:]))
+    extra_params, stray = _unknown_flags(unknown)
+    if stray:
+        parser.error(f"unexpected value(s) {' '.join(map(repr, stray))}: not after a flag that takes them "
+                     "(a flag takes one value unless it is a list)")
     ns = vars(known)
     config_path, backend = ns.pop("config", None), ns.pop("backend", None)
-    params = {**(_load_config_file(config_path) if config_path else {}), **ns, **_unknown_flags(unknown)}
+    params = {**(_load_config_file(config_path, config_class) if config_path else {}), **ns, **extra_params}
     backend = backend or params.pop("backend", None)
     from training_hub.algorithms.base import run_algorithm
 
@@ -181,14 +301,25 @@ def _normalise_flags(argv: Sequence[str]) -> list[str]:
     return out
 
 
-def _unknown_flags(tokens: Sequence[str]) -> dict[str, Any]:
-    """Unrecognised --flags become parameters, so validation names them with a did-you-mean hint."""
+def _unknown_flags(tokens: Sequence[str]) -> tuple[dict[str, Any], list[str]]:
+    """Unrecognised --flags become parameters, so validation names them with a did-you-mean hint.
+
+    Returns those parameters and the stray values: tokens that are neither a flag nor the value of one.
+    """
     params: dict[str, Any] = {}
-    for i, token in enumerate(tokens):
-        if token.startswith("--"):
-            flag, _, value = token.partition("=")
-            params[flag[2:].replace("-", "_")] = value or (tokens[i + 1] if i + 1 < len(tokens) else True)
-    return params
+    stray: list[str] = []
+    i = 0
+    while i < len(tokens):
+        token = tokens[i]
+        if token.startswith("--") and len(token) > 2:
+            flag, eq, value = token.partition("=")
+            if not eq and i + 1 < len(tokens) and not tokens[i + 1].startswith("--"):
+                value, i = tokens[i + 1], i + 1
+            params[flag[2:].replace("-", "_")] = value if (eq or value) else True
+        else:
+            stray.append(token)
+        i += 1
+    return params, stray
 
 
 def _print_result(result: Any) -> None:
@@ -231,7 +362,10 @@ def cmd_merge(ns: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="training-hub", description="LLM post-training in one call.")
+    parser = argparse.ArgumentParser(prog="training-hub", description="LLM post-training in one call.",
+                                     epilog="Exit codes: 0 success, 1 runtime failure (permission, disk full), "
+                                            "2 usage/parameter/data error.")
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of an error (anywhere in argv)")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("list", help="Algorithms, their backends and whether each can run here.")
     sub.add_parser("train", help="Train: training-hub train ALGORITHM --model-path ... (see train ALGORITHM --help).",
@@ -261,16 +395,44 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    argv = [token for token in argv if token != "--debug"]
+    try:
+        return _dispatch(argv)
+    except Exception as exc:
+        code = _expected_error_code(exc)
+        if code is None or debug:  # a bug (or asked for): the full traceback
+            raise
+        print(f"error: {_describe(exc)}", file=sys.stderr)
+        return code
+
+
+def _dispatch(argv: list[str]) -> int:
     if argv and argv[0] == "train":
-        try:
-            return cmd_train(argv[1:])
-        except ValueError as exc:  # parameter and data errors: print them, no traceback
-            print(f"error: {exc}", file=sys.stderr)
-            return 2
+        return cmd_train(argv[1:])
     ns = build_parser().parse_args(argv)
     handlers = {"list": cmd_list, "make-tiny-model": cmd_make_tiny_model, "demo": cmd_demo, "plot": cmd_plot,
                 "merge": cmd_merge}
     return handlers[ns.command](ns)
+
+
+def _expected_error_code(exc: BaseException) -> int | None:
+    """The exit code of an error the user can fix (2: usage/parameters/data/paths, 1: environment); None: a bug."""
+    if isinstance(exc, (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError)):
+        return 2
+    if isinstance(exc, PermissionError) or (isinstance(exc, OSError) and exc.errno == errno.ENOSPC):
+        return 1
+    return None
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+        where = f" while writing {exc.filename}" if exc.filename else ""
+        return f"no space left on device{where}: free some space or write somewhere else"
+    if isinstance(exc, OSError) and exc.strerror and exc.filename is not None:
+        paths = f"{exc.filename}" + (f" -> {exc.filename2}" if exc.filename2 is not None else "")
+        return f"{exc.strerror}: {paths}"
+    return str(exc) or type(exc).__name__
 
 
 if __name__ == "__main__":  # pragma: no cover
