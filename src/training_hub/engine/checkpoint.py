@@ -9,6 +9,10 @@ Layout under ``ckpt_output_dir``::
 Every directory is written under a temporary name (``.tmp-...``) and renamed when complete, so a directory with
 the final name is always whole; leftovers of a killed run are removed at the next start. Only the newest
 training state is kept (each is model + 2x optimizer moments; older ones are deleted once a newer one is whole).
+
+What is read back from an output directory is loaded with ``torch.load(weights_only=True)`` (tensors and plain
+values only), so a crafted file there cannot run code on resume. Directories are created with the mode a plain
+``mkdir`` gives under the process umask.
 """
 
 from __future__ import annotations
@@ -16,6 +20,8 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
+import pickle
 import random
 import shutil
 import tempfile
@@ -42,6 +48,7 @@ def atomic_directory(final: Path) -> Iterator[Path]:
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=final.parent))
     try:
+        tmp.chmod(0o777 & ~_umask())  # mkdtemp makes 0700; the renamed directory gets what mkdir would give
         yield tmp
         if final.exists():  # a leftover of an interrupted run at the same point: replace it
             shutil.rmtree(final)
@@ -49,6 +56,19 @@ def atomic_directory(final: Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _umask() -> int:
+    """The process umask, read without changing it where Linux shows it (os.umask can only read by setting)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def remove_temporaries(root: Path) -> None:
@@ -102,17 +122,50 @@ def prune_hf_checkpoints(root: Path, keep: int | None) -> None:
 
 
 def _rng_state() -> dict:
-    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    """RNG states as tensors and plain values only (loadable with ``weights_only=True``).
+
+    Python's ``random.getstate()`` is ``(version, tuple of 625 ints, gauss_next)``: stored as a dict of plain
+    values. CUDA: the current device's state only, so a resume on fewer GPUs works.
+    """
+    version, internal, gauss_next = random.getstate()
+    state = {"torch": torch.get_rng_state(),
+             "python": {"version": int(version), "state": [int(x) for x in internal], "gauss_next": gauss_next}}
     if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+        state["cuda"] = torch.cuda.get_rng_state()
     return state
 
 
-def _set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+def _set_rng_state(state: dict, source: Path | None = None) -> None:
+    try:
+        python = state["python"]
+        if isinstance(python, dict):
+            python = (int(python["version"]), tuple(int(x) for x in python["state"]), python["gauss_next"])
+        else:  # as earlier versions wrote it: random.getstate()'s own tuple (plain values, loads safely too)
+            python = (int(python[0]), tuple(int(x) for x in python[1]), python[2])
+        torch.set_rng_state(state["torch"])
+        random.setstate(python)
+    except (KeyError, TypeError, ValueError, IndexError, RuntimeError) as exc:
+        where = f"{source}: " if source else ""
+        raise ValueError(f"{where}not a training_hub RNG state ({type(exc).__name__}: {exc}); delete that training "
+                         "state to resume from scratch, or start a new run in another ckpt_output_dir") from None
+    cuda = state.get("cuda")
+    if isinstance(cuda, (list, tuple)):  # older states held every device's; use the current device's
+        cuda = cuda[torch.cuda.current_device()] if torch.cuda.is_available() and cuda else None
+    if cuda is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(cuda)
+
+
+def _load(file: Path, **kwargs):
+    """``torch.load`` restricted to tensors and plain values: a crafted pickle is refused, never executed."""
+    try:
+        return torch.load(file, weights_only=True, **kwargs)
+    except pickle.UnpicklingError as exc:
+        lines = [ln.strip() for ln in str(exc).splitlines() if "unsupported" in ln.lower()]  # names the object
+        first = lines[0].rstrip(".") if lines else type(exc).__name__
+        raise ValueError(
+            f"{file} cannot be read safely: it holds objects other than tensors and plain values ({first}), "
+            f"so it was not written by this version of training_hub and is not loaded. Delete the training state "
+            f"{file.parent} to resume from scratch, or start a new run in another ckpt_output_dir.") from None
 
 
 def save_training_state(root: Path, *, model, optimizer, scheduler, progress: dict, model_state: dict | None = None,
@@ -145,12 +198,13 @@ def load_training_state(path: Path, *, model, optimizer, scheduler, device) -> d
 
     ``model=None, optimizer=None``: leave those to the caller (FSDP2 loads them into shards, ``engine.distributed``).
     """
+    rng = _load(path / "rng.pt")  # checked first: a refused file stops the resume before anything is changed
     if model is not None:
-        model.load_state_dict(torch.load(path / "model.pt", map_location=device, weights_only=True))
+        model.load_state_dict(_load(path / "model.pt", map_location=device))
     if optimizer is not None:
-        optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location=device, weights_only=True))
-    scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
-    _set_rng_state(torch.load(path / "rng.pt", weights_only=False))
+        optimizer.load_state_dict(_load(path / "optimizer.pt", map_location=device))
+    scheduler.load_state_dict(_load(path / "scheduler.pt"))
+    _set_rng_state(rng, path / "rng.pt")
     return json.loads((path / STATE_FILE).read_text())
 
 
