@@ -24,13 +24,13 @@ from training_hub.algorithms.osft import OSFTConfig
 from training_hub.algorithms.sft import SFTConfig
 from training_hub.backends.instructlab_training import InstructLabTrainingSFTBackend, instructlab_training_args
 from training_hub.backends.mini_trainer_osft import MiniTrainerOSFTBackend, mini_trainer_args
-from training_hub.backends.upstream_bridge import UpstreamData, prepare_upstream_data, run_upstream
-from training_hub.compat import UpstreamParameterWarning
+from training_hub.backends.engine_adapter import EngineData, prepare_engine_data, run_adapter
+from training_hub import UpstreamParameterWarning
 from training_hub.config.declare import ParameterError, validate_params
 from training_hub.tiny import demo_data_path
 
 BASE = dict(model_path="m", data_path="d.jsonl", ckpt_output_dir="/tmp/out")
-DATA = UpstreamData("/cache/upstream/data.jsonl")
+DATA = EngineData("/cache/upstream/data.jsonl")
 
 
 def sft_config(**kw):
@@ -46,6 +46,9 @@ def no_cuda(monkeypatch):
     import torch
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    AlgorithmRegistry.refresh_availability()  # availability is asked once per process; CUDA just changed
+    yield
+    AlgorithmRegistry.refresh_availability()
 
 
 @pytest.fixture
@@ -53,6 +56,9 @@ def fake_cuda(monkeypatch):
     import torch
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    AlgorithmRegistry.refresh_availability()  # availability is asked once per process; CUDA just changed
+    yield
+    AlgorithmRegistry.refresh_availability()
 
 
 # ------------------------------------------------------------------------------------------------ availability
@@ -132,7 +138,7 @@ def test_instructlab_translation_defaults_and_pretokenized_pretraining(tiny_mode
     assert args.validation_frequency is None and args.save_samples == 0
     assert torch_args.nproc_per_node == "gpu" and torch_args.rdzv_id == "training_hub"
     config = sft_config(is_pretraining=True, block_size=256, document_column_name="text", use_processed_dataset=True)
-    args, _ = instructlab_training_args(config, UpstreamData("/x/data.jsonl", pretokenized=True))
+    args, _ = instructlab_training_args(config, EngineData("/x/data.jsonl", pretokenized=True))
     assert args.pretraining_config == ilab.PretrainingConfig(block_size=256, document_column_name="text")
 
 
@@ -181,7 +187,7 @@ def test_mini_trainer_sft_is_osft_off(fake_cuda):
 def test_mini_trainer_translation_steps_schedules_and_validation_file():
     mt = pytest.importorskip("mini_trainer")
     args, _ = mini_trainer_args(osft_config(max_steps=12, lr_scheduler="constant", warmup_steps=2),
-                                UpstreamData("/c/data.jsonl", "/c/validation.jsonl"))
+                                EngineData("/c/data.jsonl", "/c/validation.jsonl"))
     assert (args.training_mode, args.max_steps) == (mt.TrainingMode.STEP, 12)
     assert args.lr_scheduler == "constant_with_warmup"
     assert (args.validation_data_path, args.validation_split, args.validate_at_epoch) == (
@@ -212,23 +218,20 @@ def test_unsupported_parameters_refused_before_any_work(tmp_path, backend_cls, a
 
 
 def test_same_values_as_the_engine_are_accepted():
-    from training_hub.backends.instructlab_training import RULES
-    from training_hub.backends.upstream_bridge import refuse_unsupported
-
     config = sft_config(lr_scheduler="cosine", max_grad_norm=1.0, strategy="fsdp2", dtype="bfloat16")
-    refuse_unsupported(config, {"lr_scheduler", "max_grad_norm", "strategy", "dtype"}, RULES, "instructlab-training")
+    assert InstructLabTrainingSFTBackend.refusals(config, {"lr_scheduler", "max_grad_norm", "strategy", "dtype"}) == []
 
 
 @pytest.mark.parametrize("name,value", [("use_liger", True), ("use_processed_dataset", True)])
 def test_upstream_names_take_effect_on_the_adapters(fake_cuda, name, value):
-    from training_hub import compat
+    from training_hub.config.upstream import warn_ignored
 
     config = osft_config(**{name: value})
     with warnings.catch_warnings():
         warnings.simplefilter("error", UpstreamParameterWarning)
-        compat.apply(config, {name: value}, MiniTrainerOSFTBackend, what="osft()")
+        warn_ignored(config, {name}, MiniTrainerOSFTBackend)
     with pytest.warns(UpstreamParameterWarning, match=name):
-        compat.apply(config, {name: value}, AlgorithmRegistry.get_backend("osft", "native"), what="osft()")
+        warn_ignored(config, {name}, AlgorithmRegistry.get_backend("osft", "native"))
 
 
 # ------------------------------------------------------------------------------------------------ pass-through
@@ -291,7 +294,7 @@ def test_prepared_data_reads_in_both_upstream_loaders(tmp_path, tiny_model_dir):
 
     config = sft_config(model_path=str(tiny_model_dir), data_path=str(demo_data_path()),
                         ckpt_output_dir=str(tmp_path / "out"), max_seq_len=256)
-    data = prepare_upstream_data(config, tmp_path / "out")
+    data = prepare_engine_data(config, tmp_path / "out")
     ours = prepare_sft_data(str(demo_data_path()), AutoTokenizer.from_pretrained(tiny_model_dir),
                             max_seq_len=256).dataset
     for dataset in (ilab_sampler.TokenDataset(data.train_path), mt_sampler.JsonlDataset(data.train_path)):
@@ -311,7 +314,7 @@ def test_bad_data_fails_with_file_and_line_before_anything_is_written(tmp_path, 
     bad.write_text('{"messages": [{"role": "user", "content": "hi"}]}\n{"messages": "oops"}\n')
     config = osft_config(model_path=str(tiny_model_dir), data_path=str(bad), ckpt_output_dir=str(tmp_path / "o"))
     with pytest.raises(DataValidationError, match=r"bad.jsonl:2"):
-        prepare_upstream_data(config, tmp_path / "o")
+        prepare_engine_data(config, tmp_path / "o")
     assert not (tmp_path / "o").exists()
 
 
@@ -319,13 +322,13 @@ def test_processed_dataset_passes_through(tmp_path):
     tokenized = tmp_path / "tokens.jsonl"
     tokenized.write_text(json.dumps({"input_ids": [1, 2, 3], "labels": [-100, 2, 3]}) + "\n")
     config = sft_config(data_path=str(tokenized), ckpt_output_dir=str(tmp_path / "o"), use_processed_dataset=True)
-    data = prepare_upstream_data(config, tmp_path / "o")
+    data = prepare_engine_data(config, tmp_path / "o")
     assert data.pretokenized and Path(data.train_path).name == "data.jsonl"
     assert Path(data.train_path).read_text() == tokenized.read_text()  # linked where instructlab-training looks
     chat = tmp_path / "chat.jsonl"
     chat.write_text(json.dumps({"messages": [{"role": "user", "content": "x"}]}) + "\n")
     with pytest.raises(ValueError, match="chat.jsonl:1.*input_ids"):
-        prepare_upstream_data(sft_config(data_path=str(chat), use_processed_dataset=True), tmp_path / "p")
+        prepare_engine_data(sft_config(data_path=str(chat), use_processed_dataset=True), tmp_path / "p")
 
 
 # ------------------------------------------------------------------------------------------------ events and runs
@@ -433,7 +436,7 @@ def test_run_reports_metrics_callbacks_and_result(tmp_path, tiny_model_dir, pack
         config, translate, name = sft_config(**params), instructlab_training_args, "instructlab-training"
     else:
         config, translate, name = osft_config(**params), mini_trainer_args, "mini-trainer"
-    result = run_upstream(config, backend=name, launch=stand_in_launch(package, config, translate))
+    result = run_adapter(config, backend=name, launch=stand_in_launch(package, config, translate))
 
     samples = sum(1 for _ in open(demo_data_path()))
     final = tmp_path / "out" / "hf_format" / f"samples_{samples}"
@@ -463,7 +466,7 @@ def test_failing_hook_is_logged_and_the_run_goes_on(tmp_path, tiny_model_dir, ca
     recorder = Recorder(fail_at_step=1)
     config = osft_config(model_path=str(tiny_model_dir), data_path=str(demo_data_path()),
                          ckpt_output_dir=str(tmp_path / "out"), max_seq_len=256, callbacks=[recorder])
-    result = run_upstream(config, backend="mini-trainer",
+    result = run_adapter(config, backend="mini-trainer",
                           launch=stand_in_launch("mini_trainer", config, mini_trainer_args))
     assert result.metrics["steps"] == 3 and [c[0] for c in recorder.calls].count("step") == 3
     assert "Recorder.on_step_end raised; training goes on" in caplog.text
@@ -481,7 +484,7 @@ def test_a_failure_while_following_stops_the_engine(tmp_path, tiny_model_dir, mo
                          ckpt_output_dir=str(tmp_path / "out"), max_seq_len=256)
     start = time.perf_counter()
     with pytest.raises(OSError, match="No space left"):
-        run_upstream(config, backend="mini-trainer",
+        run_adapter(config, backend="mini-trainer",
                      launch=stand_in_launch("mini_trainer", config, mini_trainer_args, pause=20))
     assert time.perf_counter() - start < 20  # the stand-in (a child process) was stopped, not waited for
     assert not (tmp_path / "out" / "hf_format").exists()
@@ -500,7 +503,7 @@ def test_engine_runs_in_the_calling_thread_and_its_failure_is_raised(tmp_path, t
         raise RuntimeError("Training failed. Please check the logs")
 
     with pytest.raises(RuntimeError, match="Training failed"):
-        run_upstream(config, backend="mini-trainer", launch=launch)
+        run_adapter(config, backend="mini-trainer", launch=launch)
     assert (tmp_path / "out" / "metrics.jsonl").exists() and not (tmp_path / "out" / "hf_format").exists()
 
 

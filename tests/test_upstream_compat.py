@@ -83,7 +83,7 @@ def test_upstream_call_validates_and_warns_once_per_ignored_name(capture, algori
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         getattr(training_hub, algorithm)(backend="capture", **call)
-    from training_hub.compat import UpstreamParameterWarning
+    from training_hub import UpstreamParameterWarning
 
     messages = [str(w.message) for w in caught if issubclass(w.category, UpstreamParameterWarning)]
     named = [m.split("=", 1)[0] for m in messages]

@@ -1,7 +1,8 @@
 """Training Hub: LLM post-training in one call, with pluggable backends.
 
 ``import training_hub`` is cheap: torch, transformers and backend frameworks are imported only when a
-training run (or a backend's availability check) needs them.
+training run (or a backend's availability check) needs them. Type checkers read ``__init__.pyi``, generated from
+the parameter declarations (``python -m training_hub.docs_gen``).
 """
 
 from training_hub.registry import Algorithm, AlgorithmRegistry, Availability, Backend, create_algorithm
@@ -13,8 +14,8 @@ from training_hub.algorithms import (
 from training_hub.backends.instructlab_training import InstructLabTrainingSFTBackend
 from training_hub.backends.mini_trainer_osft import MiniTrainerOSFTBackend
 from training_hub.callbacks import TrainingContext, TrainingHubCallback, TrainingHubContext
-from training_hub.compat import UpstreamParameterWarning
 from training_hub.config.declare import ParameterError
+from training_hub.config.upstream import UpstreamParameterWarning
 
 __version__ = "0.1.0"
 

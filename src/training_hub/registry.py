@@ -99,6 +99,7 @@ class AlgorithmRegistry:
 
     _algorithms: Dict[str, Type[Algorithm]] = {}
     _backends: Dict[str, Dict[str, Type[Backend]]] = {}
+    _availability: Dict[type, Availability] = {}  # asked once per process; cleared when something registers
     _loaded = False
     _loading = False
 
@@ -110,7 +111,7 @@ class AlgorithmRegistry:
             return
         cls._loading = True
         try:
-            importlib.import_module("training_hub.algorithms")
+            importlib.import_module("training_hub.builtins")
             load_plugins()
         finally:
             cls._loading = False
@@ -132,6 +133,7 @@ class AlgorithmRegistry:
                            _qualname(cls._algorithms[name]), _qualname(algorithm_class))
         cls._algorithms[name] = algorithm_class
         cls._backends.setdefault(name, {})
+        cls.refresh_availability()
 
     @classmethod
     def register_backend(cls, algorithm_name: str, backend_name: str, backend_class: Type[Backend]) -> None:
@@ -143,6 +145,7 @@ class AlgorithmRegistry:
             logger.warning("Backend '%s' of algorithm '%s' (%s) replaced by %s.", backend_name, algorithm_name,
                            _qualname(backends[backend_name]), _qualname(backend_class))
         backends[backend_name] = backend_class
+        cls.refresh_availability()
 
     @classmethod
     def get_algorithm(cls, name: str) -> Type[Algorithm]:
@@ -173,10 +176,21 @@ class AlgorithmRegistry:
 
     # -- beyond the guide --------------------------------------------------------------------
     @classmethod
+    def availability(cls, backend_class: type) -> Availability:
+        """Whether ``backend_class`` can run here: asked once per process (see :meth:`refresh_availability`)."""
+        if backend_class not in cls._availability:
+            cls._availability[backend_class] = backend_availability(backend_class)
+        return cls._availability[backend_class]
+
+    @classmethod
+    def refresh_availability(cls) -> None:
+        """Forget the availability answers (registering does this; so may a caller that installed a package)."""
+        cls._availability.clear()
+
+    @classmethod
     def backend_status(cls, algorithm_name: str) -> Dict[str, Availability]:
         """Every backend of an algorithm with whether it can run here (and why not)."""
-        return {name: backend_availability(b) for name, b in
-                ((n, cls.get_backend(algorithm_name, n)) for n in cls.list_backends(algorithm_name))}
+        return {n: cls.availability(cls.get_backend(algorithm_name, n)) for n in cls.list_backends(algorithm_name)}
 
     @classmethod
     def backend_order(cls, algorithm_name: str) -> list[str]:

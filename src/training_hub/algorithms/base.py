@@ -1,26 +1,52 @@
-"""Shared machinery of the built-in algorithms: one declaration drives validation and the signature."""
+"""The route of a call to a built-in algorithm: validated once, in the caller, then handed to one backend.
+
+    sft(**params) / create_algorithm("sft", backend).train(**params) / training-hub train sft ...
+      -> prepare_call()      upstream conventions, validation against the declaration (one ParameterError listing
+                             every problem), translated upstream names folded in: a ``Call``
+      -> choose_backend()    no backend named: the first, in preference order, that is available here, takes the
+                             call's engine options and has no ``refusals()`` for it
+      -> run_call()          availability, the backend's ``refusals()`` (the same rule that chose it), one warning per
+                             ignored upstream name, then the backend: a built-in backend gets the typed config
+                             (``BuiltinBackend.train_config``), a third party's the plain dict the seed guide promises
+"""
 
 from __future__ import annotations
 
 import inspect
 import logging
+from dataclasses import dataclass, field
 from typing import Any, ClassVar, Dict, Type
 
+from training_hub.backends.common import BuiltinBackend, passthrough_names
 from training_hub.config.declare import (
-    ParameterError, optional_params, param_specs, required_params, validate_params,
+    UPSTREAM_GROUP, ParameterError, optional_params, param_specs, required_params, validate_params,
 )
-from training_hub.registry import Algorithm, AlgorithmRegistry, Backend, backend_availability
+from training_hub.config.upstream import fold_translated, upstream_call, warn_ignored
+from training_hub.registry import Algorithm, AlgorithmRegistry, Backend, create_algorithm
 
 logger = logging.getLogger("training_hub")
+
+
+@dataclass
+class Call:
+    """One validated call: the typed config, the names a backend is to receive, and engine options."""
+
+    config: Any
+    names: list[str]  # the names the caller gave, plus the targets of translated upstream names
+    options: Dict[str, Any] = field(default_factory=dict)  # undeclared names some backend takes as they are
+
+    def plain(self) -> Dict[str, Any]:
+        """The dict a third-party backend receives: the given parameters, validated, plus the engine options."""
+        return {**{name: getattr(self.config, name) for name in self.names}, **self.options}
 
 
 class DeclaredAlgorithm(Algorithm):
     """An algorithm whose parameters are the fields of ``config_class``.
 
-    ``train(**kwargs)`` validates every parameter (all problems in one ``ValueError``, before any heavy
-    import), then hands the backend a plain dict of the parameters the caller gave (validated and coerced),
-    as the upstream library does, so a backend's own ``params.get(name, default)`` fallbacks keep working.
-    Built-in backends rebuild the typed config (declared defaults included) from that dict.
+    ``train(**kwargs)`` validates every parameter (all problems in one ``ValueError``, before any heavy import) and
+    hands the result to the backend: the typed config to a built-in backend, a plain dict of the parameters the
+    caller gave (validated and coerced) to any other, as the upstream library does, so a backend's own
+    ``params.get(name, default)`` fallbacks keep working.
     """
 
     name: ClassVar[str]
@@ -32,47 +58,30 @@ class DeclaredAlgorithm(Algorithm):
         self.kwargs = kwargs
 
     def train(self, **kwargs: Any) -> Any:
-        from training_hub import compat
+        call = prepare_call(self.name, {**self.kwargs, **kwargs}, backend=type(self.backend),
+                            config_class=self.config_class)
+        return self.run_call(call)
 
-        given = compat.upstream_call({**self.kwargs, **kwargs}, self.config_class)
-        # An adapter backend takes the other fields of its engine's TrainingArgs as they are (upstream forwards
-        # unknown keyword arguments to the backend); everywhere else an undeclared name is an error.
-        specs = param_specs(self.config_class)
-        own = passthrough_names(type(self.backend))
-        passed = {name: given.pop(name) for name in list(given) if name not in specs and name in own}
-        try:
-            config = self.validate(given)
-        except ParameterError as exc:
-            raise self._with_passthrough_hints(exc, [n for n in given if n not in specs]) from None
-        config, names = compat.apply(config, given, type(self.backend), what=f"{self.name}()")
-        self._check_backend_can_run()
-        return self.backend.execute_training({**{name: getattr(config, name) for name in names}, **passed})
-
-    def _with_passthrough_hints(self, error: ParameterError, unknown: list[str]) -> ParameterError:
-        """Name the backend whose engine option an unknown parameter is, where one is."""
-        backends = {b: AlgorithmRegistry.get_backend(self.name, b) for b in AlgorithmRegistry.list_backends(self.name)}
-        owners = {name: [b for b, cls in backends.items() if name in passthrough_names(cls)] for name in unknown}
-        problems = []
-        for line in error.problems:
-            name = line.split(":", 1)[0]
-            if owners.get(name) and "unknown parameter" in line:
-                backend = owners[name][0]
-                line = (f"{name}: not a training_hub parameter; it is an option of the {backend} backend's engine, "
-                        f"passed through only with backend='{backend}'")
-            problems.append(line)
-        return ParameterError(f"{self.name}()", problems)
+    def run_call(self, call: Call) -> Any:
+        """Run a validated call on this algorithm's backend (see the module doc)."""
+        backend_cls = type(self.backend)
+        status = AlgorithmRegistry.availability(backend_cls)
+        if not status:
+            runnable = [n for n, s in AlgorithmRegistry.backend_status(self.name).items() if s]
+            raise RuntimeError(f"Backend {backend_cls.__name__} of '{self.name}' cannot run here: {status.reason}. "
+                               f"Backends that can: {', '.join(runnable) or 'none'}.")
+        foreign = sorted(set(call.options) - passthrough_names(backend_cls))  # another backend's engine options
+        if foreign:
+            unknown = ParameterError(f"{self.name}()", [f"{n}: unknown parameter" for n in foreign])
+            raise _with_passthrough_hints(self.name, unknown, foreign)
+        warn_ignored(call.config, call.names, backend_cls, stacklevel=5)
+        if isinstance(self.backend, BuiltinBackend):
+            return self.backend.train_config(call.config, set(call.names), call.options)
+        return self.backend.execute_training(call.plain())
 
     def validate(self, params: Dict[str, Any]) -> Any:
         """The typed config for ``params``, or a ``ParameterError`` (a ``ValueError``) listing every problem."""
         return validate_params(self.config_class, params, what=f"{self.name}()")
-
-    def _check_backend_can_run(self) -> None:
-        status = backend_availability(type(self.backend))
-        if status:
-            return
-        runnable = [n for n, s in AlgorithmRegistry.backend_status(self.name).items() if s]
-        raise RuntimeError(f"Backend {type(self.backend).__name__} of '{self.name}' cannot run here: {status.reason}. "
-                           f"Backends that can: {', '.join(runnable) or 'none'}.")
 
     def get_required_params(self) -> Dict[str, Type]:
         return required_params(self.config_class)
@@ -81,71 +90,72 @@ class DeclaredAlgorithm(Algorithm):
         return optional_params(self.config_class)
 
 
-def passthrough_names(backend_cls: type) -> frozenset[str]:
-    """The engine options a backend accepts besides the declared parameters (adapter backends; empty for others
-    and where the engine is not installed)."""
-    names = getattr(backend_cls, "passthrough_params", None)
-    if names is None:
-        return frozenset()
-    try:
-        return frozenset(names())
-    except Exception:  # a broken or missing engine must not break validation; the backend reports it
-        return frozenset()
+def _backend_classes(name: str) -> dict[str, type]:
+    return {b: AlgorithmRegistry.get_backend(name, b) for b in AlgorithmRegistry.list_backends(name)}
 
 
-def run_algorithm(name: str, backend: str | None, params: Dict[str, Any]) -> Any:
-    """Body of every convenience function: looks the backend up now, so late registrations work."""
-    from training_hub.registry import create_algorithm
+def prepare_call(name: str, params: Dict[str, Any], backend: type | None = None,
+                 config_class: type | None = None) -> Call:
+    """Validate ``params`` for algorithm ``name`` once; ``backend``: the backend class, when one is named.
 
-    return create_algorithm(name, backend_name=backend or choose_backend(name, params)).train(**params)
-
-
-def choose_backend(name: str, params: Dict[str, Any]) -> str:
-    """The default backend for this call: the first backend, in the algorithm's preference order, that can run on
-    this machine *and* take these parameters.
-
-    A backend says what it cannot take in a class method ``refusals(config, given) -> list[str]`` (the adapter
-    backends: settings their engine lacks; native lora_sft: QLoRA), and takes the undeclared names listed by its
-    ``passthrough_params()`` only. When the preferred backend is passed over, a warning says why. When no backend
-    takes the call (or the call is invalid), the plain default is returned and its own error reaches the caller.
+    Undeclared names that a backend takes as engine options (``passthrough_params()``) are kept apart: those of
+    ``backend`` when it is named, else those of any of the algorithm's backends (the choice then honours them).
     """
-    import warnings
-
-    from training_hub import compat
-
-    default = AlgorithmRegistry.default_backend(name)
-    config_class = getattr(AlgorithmRegistry.get_algorithm(name), "config_class", None)
-    if config_class is None:
-        return default
+    config_class = config_class or AlgorithmRegistry.get_algorithm(name).config_class
+    given = upstream_call(params, config_class)
     specs = param_specs(config_class)
-    status = AlgorithmRegistry.backend_status(name)
-    candidates = [n for n in AlgorithmRegistry.backend_order(name) if status[n]]
+    candidates = [backend] if backend is not None else list(_backend_classes(name).values())
+    takes = frozenset().union(*(passthrough_names(b) for b in candidates))
+    options = {n: given.pop(n) for n in list(given) if n not in specs and n in takes}
     try:
-        given = compat.upstream_call(params, config_class)
-        extra = {n for n in given if n not in specs}
-        base = validate_params(config_class, {k: v for k, v in given.items() if k in specs}, what=f"{name}()")
-    except (ValueError, TypeError):
-        return default  # train() reports the problems
+        config = validate_params(config_class, given, what=f"{name}()")
+    except ParameterError as exc:
+        raise _with_passthrough_hints(name, exc, [n for n in given if n not in specs]) from None
+    config, names = fold_translated(config, list(given), what=f"{name}()")
+    return Call(config, names, options)
+
+
+def _with_passthrough_hints(name: str, error: ParameterError, unknown: list[str]) -> ParameterError:
+    """Name the backend whose engine option an unknown parameter is, where one is."""
+    owners = {n: [b for b, cls in _backend_classes(name).items() if n in passthrough_names(cls)] for n in unknown}
+    problems = []
+    for line in error.problems:
+        param = line.split(":", 1)[0]
+        if owners.get(param) and "unknown parameter" in line:
+            backend = owners[param][0]
+            line = (f"{param}: not a training_hub parameter; it is an option of the {backend} backend's engine, "
+                    f"passed through only with backend='{backend}'")
+        problems.append(line)
+    return ParameterError(f"{name}()", problems)
+
+
+def refusals_of(backend_cls: type, call: Call) -> list[str]:
+    """What ``backend_cls`` cannot take in ``call``: engine options that are not its own, and its ``refusals()``."""
+    problems = [f"{n}: not an option of this backend" for n in sorted(set(call.options) - passthrough_names(backend_cls))]
+    check = getattr(backend_cls, "refusals", None)
+    if check is not None and not problems:
+        try:
+            problems = list(check(call.config, set(call.names)))
+        except Exception as exc:  # a broken check must not block the call; the backend still validates
+            logger.debug("refusals() of %s raised %r; treated as none", backend_cls.__name__, exc)
+    return problems
+
+
+def choose_backend(name: str, call: Call | Dict[str, Any]) -> str:
+    """The default backend for this call: the first backend, in the algorithm's preference order, that can run here
+    *and* take the call (no :func:`refusals_of`). When the preferred backend is passed over, a warning says why; when
+    none takes the call, the plain default is returned and its own refusal reaches the caller."""
+    default = AlgorithmRegistry.default_backend(name)
+    if not isinstance(call, Call):
+        call = prepare_call(name, call)
+    status = AlgorithmRegistry.backend_status(name)
     passed_over = []
-    for candidate in candidates:
-        backend_cls = AlgorithmRegistry.get_backend(name, candidate)
-        problems = [f"{n}: not an option of this backend" for n in sorted(extra - passthrough_names(backend_cls))]
-        check = getattr(backend_cls, "refusals", None)
-        if check is not None and not problems:
-            with warnings.catch_warnings():  # train() gives the upstream-name warnings once, for the chosen one
-                warnings.simplefilter("ignore")
-                try:
-                    config, names = compat.apply(base, given, backend_cls, what=f"{name}()")
-                except (ValueError, TypeError):
-                    return default  # train() reports the problems
-                try:
-                    problems = list(check(config, set(names) - extra))
-                except Exception as exc:  # a broken check must not block the call; the backend still validates
-                    logger.debug("refusals() of %s raised %r; treated as none", candidate, exc)
+    for candidate in (n for n in AlgorithmRegistry.backend_order(name) if status[n]):
+        problems = refusals_of(AlgorithmRegistry.get_backend(name, candidate), call)
         if not problems:
             if passed_over:
-                reasons = "; ".join(f"{n} cannot take {', '.join(p.split(': ', 1)[0] for p in problems)}"
-                                    for n, problems in passed_over)
+                reasons = "; ".join(f"{n} cannot take {', '.join(p.split(': ', 1)[0].split('=')[0] for p in found)}"
+                                    for n, found in passed_over)
                 logger.warning("%s(): using backend '%s' (%s). Name a backend to choose it yourself.",
                                name, candidate, reasons)
             return candidate
@@ -153,8 +163,27 @@ def choose_backend(name: str, params: Dict[str, Any]) -> str:
     return default
 
 
-def signature_from_config(config_class: type, extra: tuple[inspect.Parameter, ...] = ()) -> inspect.Signature:
-    """An ``inspect.Signature`` for a convenience function, generated from the declaration."""
+def run_algorithm(name: str, backend: str | None, params: Dict[str, Any]) -> Any:
+    """Body of every convenience function (and of ``training-hub train``): validate once, choose, run.
+
+    The backend is looked up now, so backends registered after import work. An algorithm without a declaration
+    (a third party's) is created and trained as the seed guide does it.
+    """
+    algorithm_class = AlgorithmRegistry.get_algorithm(name)
+    if not issubclass(algorithm_class, DeclaredAlgorithm):
+        return create_algorithm(name, backend_name=backend).train(**params)
+    named = AlgorithmRegistry.get_backend(name, backend) if backend else None
+    call = prepare_call(name, params, backend=named)
+    algorithm = create_algorithm(name, backend_name=backend or choose_backend(name, call))
+    return algorithm.run_call(call)
+
+
+# ------------------------------------------------------------------------------------------------ functions
+
+
+def signature_from_config(config_class: type) -> inspect.Signature:
+    """An ``inspect.Signature`` for a convenience function, generated from the declaration: the required parameters
+    (positional or keyword), then ``backend``, our optional parameters and the upstream-only names."""
     params = []
     for spec in param_specs(config_class).values():
         default = inspect.Parameter.empty if spec.required else spec.default
@@ -163,11 +192,13 @@ def signature_from_config(config_class: type, extra: tuple[inspect.Parameter, ..
     positional = [p.replace(kind=inspect.Parameter.POSITIONAL_OR_KEYWORD) for p in params if p.default is p.empty]
     rest = [p for p in params if p.default is not p.empty]
     backend = inspect.Parameter("backend", inspect.Parameter.KEYWORD_ONLY, default=None, annotation=str | None)
-    return inspect.Signature(positional + [backend] + rest + list(extra))
+    return inspect.Signature(positional + [backend] + rest)
 
 
 def convenience_function(algorithm_class: type, summary: str):
-    """Build ``sft()``-style functions from the declaration: signature and docs are generated, not typed out."""
+    """Build ``sft()``-style functions from the declaration: signature and docs are generated, not typed out.
+
+    Type checkers read the generated stub ``functions.pyi`` (``python -m training_hub.docs_gen`` writes it)."""
     name = algorithm_class.name
     required = list(required_params(algorithm_class.config_class))
 
@@ -181,14 +212,19 @@ def convenience_function(algorithm_class: type, summary: str):
         return run_algorithm(name, backend, {**params, **kwargs})
 
     train_fn.__name__ = train_fn.__qualname__ = name
-    train_fn.__signature__ = signature_from_config(algorithm_class.config_class)
+    train_fn.__module__ = "training_hub"
+    train_fn.__signature__ = signature_from_config(algorithm_class.config_class)  # type: ignore[attr-defined]
     train_fn.__doc__ = f"{summary}\n\n{params_docstring(algorithm_class.config_class)}"
     return train_fn
 
 
 def params_docstring(config_class: type) -> str:
     lines = ["Parameters", "----------", "backend : str, optional", "    Backend name (default: the first available)."]
+    group = None
     for spec in param_specs(config_class).values():
+        if spec.group == UPSTREAM_GROUP and group != UPSTREAM_GROUP:
+            lines += ["", f"{UPSTREAM_GROUP}:"]
+        group = spec.group
         default = "required" if spec.required else f"default {spec.default!r}"
         lines += [f"{spec.name} : {spec.type_name} ({default})", f"    {spec.doc}"]
     return "\n".join(lines)

@@ -2,15 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from training_hub.algorithms.base import DeclaredAlgorithm, convenience_function
-from training_hub.config.groups import SFT_GROUPS, config_bases
+from training_hub.config.algorithms import SFTConfig
 
-
-@dataclass(kw_only=True)
-class SFTConfig(*config_bases(*SFT_GROUPS)):
-    """Every parameter of ``sft()``; the engine groups are shared with the other algorithms."""
+__all__ = ["SFTAlgorithm", "SFTConfig", "sft"]
 
 
 class SFTAlgorithm(DeclaredAlgorithm):

@@ -4,7 +4,7 @@ Install with ``pip install 'training-hub[instructlab]'``; it trains on CUDA GPUs
 ``is_available()`` is False elsewhere and the default backend falls to ``native``. Where it can run it is the
 default of ``sft()``, as in the upstream Training Hub.
 
-What stays ours (see :mod:`training_hub.backends.upstream_bridge`): parameter validation and defaults, data
+What stays ours (see :mod:`training_hub.backends.engine_adapter`): parameter validation and defaults, data
 validation and tokenization (handed over as tokenized JSONL with ``process_data=False``), metrics.jsonl, the
 shared loggers and ``TrainingHubCallback`` hooks. :func:`instructlab_training_args` is the whole translation.
 
@@ -32,7 +32,9 @@ from __future__ import annotations
 
 from typing import Any, Dict
 
-from training_hub.backends.upstream_bridge import Rules, UpstreamAdapter, UpstreamData, torchrun_fields
+from training_hub.backends.engine_adapter import EngineAdapter, EngineData, Rules, torchrun_fields
+from training_hub.backends.engine_events import TrainingHubEvents
+from training_hub.config.algorithms import SFTConfig
 
 NAME = "instructlab-training"
 
@@ -59,7 +61,7 @@ RULES: Rules = {
 }
 
 
-def instructlab_training_args(config, data: UpstreamData, given: frozenset[str] | set[str] = frozenset(),
+def instructlab_training_args(config, data: EngineData, given: frozenset[str] | set[str] = frozenset(),
                               options: Dict[str, Any] | None = None):
     """Our validated ``SFTConfig`` (with the prepared data) as ``(TrainingArgs, TorchrunArgs)`` of
     ``instructlab.training``. ``given`` is the set of parameter names the caller passed (unrequested settings are
@@ -68,8 +70,6 @@ def instructlab_training_args(config, data: UpstreamData, given: frozenset[str] 
     from instructlab.training import (
         DistributedBackend, FSDPOptions, PretrainingConfig, ShardingStrategies, TorchrunArgs, TrainingArgs,
     )
-
-    from training_hub.backends.upstream_events import TrainingHubEvents
 
     fields: Dict[str, Any] = dict(
         model_path=config.model_path,
@@ -107,22 +107,20 @@ def instructlab_training_args(config, data: UpstreamData, given: frozenset[str] 
     return TrainingArgs(**fields), TorchrunArgs(**torchrun_fields(config))
 
 
-class InstructLabTrainingSFTBackend(UpstreamAdapter):
+class InstructLabTrainingSFTBackend(EngineAdapter):
     """SFT through ``instructlab.training.run_training`` (CUDA only)."""
 
-    engine, algorithm = NAME, "sft"
+    name, algorithm = NAME, "sft"
     package, distribution, extra, args_file = "instructlab.training", "instructlab-training", "instructlab", "config.py"
     rules, not_passed = RULES, NOT_PASSED
-    upstream_handles = ("use_liger", "use_processed_dataset", "accelerate_full_state_at_epoch")  # training_hub.compat
+    upstream_handles = ("use_liger", "use_processed_dataset", "accelerate_full_state_at_epoch")  # training_hub.config.upstream
 
     @classmethod
     def config_class(cls) -> type:
-        from training_hub.algorithms.sft import SFTConfig
-
         return SFTConfig
 
     @classmethod
-    def translate(cls, config, data: UpstreamData, given: set[str], options: Dict[str, Any]):
+    def translate(cls, config, data: EngineData, given: set[str], options: Dict[str, Any]):
         return instructlab_training_args(config, data, given, options)
 
     @classmethod

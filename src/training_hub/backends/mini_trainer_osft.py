@@ -4,7 +4,7 @@ Install with ``pip install 'training-hub[mini-trainer]'`` (package ``rhai-innova
 CUDA GPUs only (FSDP2), so ``is_available()`` is False elsewhere and the default backend falls to ``native``.
 Where it can run it is the default of ``osft()``, as in the upstream Training Hub.
 
-What stays ours (see :mod:`training_hub.backends.upstream_bridge`): parameter validation and defaults, data
+What stays ours (see :mod:`training_hub.backends.engine_adapter`): parameter validation and defaults, data
 validation and tokenization (mini-trainer does none of its own; upstream borrows instructlab-training's, we use
 ours, so this backend does not need instructlab-training installed), metrics.jsonl, the shared loggers and
 ``TrainingHubCallback`` hooks. :func:`mini_trainer_args` is the whole translation.
@@ -33,7 +33,9 @@ from __future__ import annotations
 
 from typing import Any, Dict
 
-from training_hub.backends.upstream_bridge import Rules, UpstreamAdapter, UpstreamData, torchrun_fields
+from training_hub.backends.engine_adapter import EngineAdapter, EngineData, Rules, torchrun_fields
+from training_hub.backends.engine_events import TrainingHubEvents
+from training_hub.config.algorithms import OSFTConfig, SFTConfig
 
 NAME = "mini-trainer"
 
@@ -74,13 +76,12 @@ def _schedule(config) -> tuple[str, dict]:
     return config.lr_scheduler, {}
 
 
-def mini_trainer_args(config, data: UpstreamData, options: Dict[str, Any] | None = None):
+def mini_trainer_args(config, data: EngineData, options: Dict[str, Any] | None = None):
     """Our validated ``OSFTConfig`` (``osft=True``) or ``SFTConfig`` (``osft=False``), with the prepared data, as
     ``(TrainingArgs, TorchrunArgs)`` of ``mini_trainer``; ``options`` are TrainingArgs fields the caller passed
     through (they win)."""
     from mini_trainer import PretrainingConfig, TorchrunArgs, TrainingArgs, TrainingMode
 
-    from training_hub.backends.upstream_events import TrainingHubEvents
 
     scheduler, scheduler_kwargs = _schedule(config)
     has_validation = config.validation_split > 0 or data.validation_path is not None
@@ -128,17 +129,17 @@ def mini_trainer_args(config, data: UpstreamData, options: Dict[str, Any] | None
     return TrainingArgs(**fields), TorchrunArgs(**torchrun_fields(config))
 
 
-class _MiniTrainerBackend(UpstreamAdapter):
+class _MiniTrainerBackend(EngineAdapter):
     """Shared by the osft and sft backends on mini-trainer (CUDA only)."""
 
-    engine = NAME
+    name = NAME
     package, distribution, extra, args_file = ("mini_trainer", "rhai-innovation-mini-trainer", "mini-trainer",
                                                "training_types.py")
     rules, not_passed = RULES, NOT_PASSED
-    upstream_handles = ("use_liger", "use_processed_dataset", "save_best_val_loss")  # see training_hub.compat
+    upstream_handles = ("use_liger", "use_processed_dataset", "save_best_val_loss")  # see training_hub.config.upstream
 
     @classmethod
-    def translate(cls, config, data: UpstreamData, given: set[str], options: Dict[str, Any]):
+    def translate(cls, config, data: EngineData, given: set[str], options: Dict[str, Any]):
         return mini_trainer_args(config, data, options)
 
     @classmethod
@@ -155,8 +156,6 @@ class MiniTrainerOSFTBackend(_MiniTrainerBackend):
 
     @classmethod
     def config_class(cls) -> type:
-        from training_hub.algorithms.osft import OSFTConfig
-
         return OSFTConfig
 
 
@@ -169,6 +168,4 @@ class MiniTrainerSFTBackend(_MiniTrainerBackend):
 
     @classmethod
     def config_class(cls) -> type:
-        from training_hub.algorithms.sft import SFTConfig
-
         return SFTConfig

@@ -2,47 +2,50 @@
 
 from __future__ import annotations
 
-import importlib.util
-from typing import Any, Dict
+from typing import Any, ClassVar, Dict
 
-from training_hub.config.declare import validate_params
-from training_hub.registry import Availability, Backend
-
+from training_hub.backends.common import BuiltinBackend, availability_of, qlora_problems
+from training_hub.config.algorithms import DPOConfig, LoRASFTConfig, OSFTConfig, SFTConfig
+from training_hub.config.processes import in_torchrun_worker, process_count
+from training_hub.registry import Availability
 
 QLORA_NOT_HERE = "load_in_4bit: the native backend does not train QLoRA (4-bit base) yet; use backend='trl'"
 
 
-def _missing(*modules: str) -> list[str]:
-    return [m for m in modules if importlib.util.find_spec(m) is None]
-
-
-class NativeSFTBackend(Backend):
+class NativeSFTBackend(BuiltinBackend):
     """SFT in our own training loop (token-budget packing, exact loss normalisation, HF checkpoints)."""
+
+    name, algorithm = "native", "sft"
+    needs: ClassVar[tuple[str, ...]] = ("torch", "transformers", "datasets")
+    install_hint: ClassVar[str] = "pip install training-hub"
 
     @classmethod
     def is_available(cls) -> Availability:
-        missing = _missing("torch", "transformers", "datasets")
-        if missing:
-            return Availability(False, f"needs {', '.join(missing)} (pip install training-hub)")
-        return Availability(True)
+        return availability_of(cls.needs, cls.install_hint)
 
-    def execute_training(self, algorithm_params: Dict[str, Any]) -> Any:
-        from training_hub.algorithms.sft import SFTConfig
+    @classmethod
+    def config_class(cls) -> type:
+        return SFTConfig
+
+    def run(self, config: Any, given: set[str], options: Dict[str, Any]) -> Any:
         from training_hub.engine.launch import run_training
 
-        config = validate_params(SFTConfig, algorithm_params, what="the native sft backend")
         return run_training(config)  # here, or through torchrun when nproc_per_node x nnodes > 1
 
 
 class NativeOSFTBackend(NativeSFTBackend):
     """OSFT in the same loop: SVD-split targets, projected steps, dense Hugging Face checkpoints."""
 
-    def execute_training(self, algorithm_params: Dict[str, Any]) -> Any:
-        from training_hub.algorithms.osft import OSFTConfig
-        from training_hub.engine.launch import run_training
-        from training_hub.osft_core.method import OSFTMethod
+    algorithm = "osft"
 
-        config = validate_params(OSFTConfig, algorithm_params, what="the native osft backend")
+    @classmethod
+    def config_class(cls) -> type:
+        return OSFTConfig
+
+    def run(self, config: Any, given: set[str], options: Dict[str, Any]) -> Any:
+        from training_hub.engine.launch import run_training
+        from training_hub.engine.osft import OSFTMethod
+
         return run_training(config, OSFTMethod)
 
 
@@ -54,33 +57,31 @@ class NativeLoRASFTBackend(NativeSFTBackend):
     backend's.
     """
 
-    @classmethod
-    def refusals(cls, config, given: set[str]) -> list[str]:
-        """QLoRA is the trl backend's (used to choose the default backend)."""
-        return [QLORA_NOT_HERE] if config.load_in_4bit else []
+    algorithm = "lora_sft"
+    needs = NativeSFTBackend.needs + ("peft",)
+    install_hint = "pip install training-hub[peft]"
 
     @classmethod
-    def is_available(cls) -> Availability:
-        missing = _missing("torch", "transformers", "datasets", "peft")
-        if missing:
-            return Availability(False, f"needs {', '.join(missing)} (pip install training-hub[peft])")
-        return Availability(True)
+    def config_class(cls) -> type:
+        return LoRASFTConfig
 
-    def execute_training(self, algorithm_params: Dict[str, Any]) -> Any:
+    @classmethod
+    def refusals(cls, config: Any, given: set[str]) -> list[str]:
+        problems = [*qlora_problems(), QLORA_NOT_HERE] if config.load_in_4bit else []
+        if not in_torchrun_worker() and process_count(config) > 1:
+            problems.append("nproc_per_node/nnodes: the native lora_sft backend trains in the calling process; "
+                            "for several processes run your script under torchrun")
+        return problems
+
+    def run(self, config: Any, given: set[str], options: Dict[str, Any]) -> Any:
         from pathlib import Path
 
-        from training_hub.algorithms.lora import LoRASFTConfig, qlora_problems
         from training_hub.engine.lora import LoRAMethod
         from training_hub.engine.trainer import train_sft
+        from training_hub.lora_merge import merge_adapter
 
-        config = validate_params(LoRASFTConfig, algorithm_params, what="the native lora_sft backend")
-        if config.load_in_4bit:  # before any data, model or output directory is touched
-            problems = qlora_problems() or [QLORA_NOT_HERE]
-            raise ValueError("\n".join(problems))
         result = train_sft(config, method=LoRAMethod.from_config(config))
         if config.merge and result.checkpoint_path:
-            from training_hub.lora_merge import merge_adapter
-
             merged = str(merge_adapter(result.checkpoint_path, Path(config.ckpt_output_dir) / "merged",
                                        trust_remote_code=config.trust_remote_code))
             result.metrics["merged_path"] = merged
@@ -91,9 +92,24 @@ class NativeLoRASFTBackend(NativeSFTBackend):
 class NativeDPOBackend(NativeSFTBackend):
     """DPO (sigmoid loss) in our own loop: reference log-probs computed once, pairs packed without padding."""
 
-    def execute_training(self, algorithm_params: Dict[str, Any]) -> Any:
-        from training_hub.algorithms.dpo import DPOConfig
+    algorithm = "dpo"
+
+    @classmethod
+    def config_class(cls) -> type:
+        return DPOConfig
+
+    @classmethod
+    def refusals(cls, config: Any, given: set[str]) -> list[str]:
+        problems = []
+        if config.loss_type != "sigmoid":
+            problems.append(f"loss_type={config.loss_type!r}: the native dpo backend implements only the sigmoid "
+                            "loss; use backend='trl' for hinge or ipo")
+        if process_count(config) > 1:
+            problems.append(f"nproc_per_node={config.nproc_per_node}, nnodes={config.nnodes}: the native dpo backend "
+                            "trains in one process; use nproc_per_node=1 and nnodes=1, or backend='trl' under torchrun")
+        return problems
+
+    def run(self, config: Any, given: set[str], options: Dict[str, Any]) -> Any:
         from training_hub.engine.dpo import train_dpo
 
-        config = validate_params(DPOConfig, algorithm_params, what="the native dpo backend")
         return train_dpo(config)

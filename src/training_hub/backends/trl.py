@@ -26,7 +26,6 @@ How our parameters map onto TRL / ``transformers.TrainingArguments``:
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
 import logging
 import os
@@ -34,9 +33,11 @@ import time
 from pathlib import Path
 from typing import Any, ClassVar, Dict
 
+from training_hub.backends.common import BuiltinBackend, availability_of, missing_modules, qlora_problems
 from training_hub.backends.trl_bridge import hub_bridge
-from training_hub.config.declare import validate_params
-from training_hub.registry import Availability, Backend
+from training_hub.config.algorithms import DPOConfig, LoRASFTConfig, SFTConfig
+from training_hub.config.processes import in_torchrun_worker, process_count
+from training_hub.registry import Availability
 
 logger = logging.getLogger("training_hub")
 
@@ -55,19 +56,13 @@ _LOG_KEYS = {
 }
 
 
-def _missing(*modules: str) -> list[str]:
-    return [m for m in modules if importlib.util.find_spec(m) is None]
-
-
 # ------------------------------------------------------------------------------------------------ checks
 
 
 def _unsupported(config, algorithm: str) -> list[str]:
     """What TRL cannot do with this config here: each a line of the one ValueError raised before any work."""
     problems = []
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    wanted = config.nproc_per_node if isinstance(config.nproc_per_node, int) else 1
-    if world == 1 and (wanted > 1 or config.nnodes > 1):
+    if not in_torchrun_worker() and process_count(config) > 1:
         problems.append("nproc_per_node/nnodes: the trl backend runs in the calling process; for several "
                         "processes launch your script with torchrun (or use backend='native')")
     if config.strategy != "ddp":
@@ -94,20 +89,12 @@ def _unsupported(config, algorithm: str) -> list[str]:
             problems.append("unmask_messages: the trl backend puts loss on assistant tokens only "
                             "(use backend='native')")
     if getattr(config, "load_in_4bit", False):
-        from training_hub.algorithms.lora import qlora_problems
-
         problems.extend(qlora_problems())
     for name, module in (("wandb_project", "wandb"), ("tensorboard_log_dir", "tensorboard"),
                          ("mlflow_tracking_uri", "mlflow")):
-        if getattr(config, name) and _missing(module):
+        if getattr(config, name) and missing_modules(module):
             problems.append(f"{name}: needs the '{module}' package, which is not installed")
     return problems
-
-
-def _raise_if(problems: list[str], what: str) -> None:
-    if problems:
-        lines = "\n".join(f"  - {p}" for p in problems)
-        raise ValueError(f"{len(problems)} problem(s) running {what}:\n{lines}")
 
 
 def _check_output_dir(root: Path, resume: bool) -> str | None:
@@ -143,7 +130,7 @@ def training_arguments(config, args_class: type, *, root: Path, row_tokens: int,
     """``args_class`` (TRL's SFTConfig/DPOConfig) filled from our declared parameters."""
     import torch
 
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    world = process_count(config)
     if config.effective_batch_size % world:
         raise ValueError(f"effective_batch_size: {config.effective_batch_size} is not divisible by the "
                          f"{world} processes")
@@ -275,13 +262,11 @@ def _metrics_callback(path: Path, keep_through_step: int | None):
     """A TrainerCallback that appends one JSON line per optimizer step to ``path`` (TRL logs every step)."""
     from transformers import TrainerCallback
 
+    from training_hub.engine.metrics import trim_metrics
+
     class MetricsJSONL(TrainerCallback):
         def __init__(self):
-            kept = []
-            if keep_through_step is not None and path.exists():  # resume: keep the lines up to the saved state
-                kept = [line for line in path.read_text().splitlines()
-                        if line.strip() and json.loads(line).get("step", 0) <= keep_through_step]
-            path.write_text("".join(line + "\n" for line in kept))
+            trim_metrics(path, keep_through_step)  # resume: keep the lines up to the saved state
             self.start = time.perf_counter()
             self.last: dict = {}
             self.last_validation: dict = {}
@@ -340,18 +325,6 @@ def _load_model(config, quantization_config=None):
     return AutoModelForCausalLM.from_pretrained(config.model_path, **kwargs)
 
 
-def _original_dtype(config):
-    """The dtype the starting checkpoint's weights are stored in (float32 when it does not say)."""
-    import torch
-    from transformers import AutoConfig
-
-    saved = getattr(AutoConfig.from_pretrained(config.model_path, trust_remote_code=config.trust_remote_code),
-                    "dtype", None)
-    if isinstance(saved, str):
-        saved = getattr(torch, saved, None)
-    return saved if isinstance(saved, torch.dtype) and saved.is_floating_point else torch.float32
-
-
 def _train_and_save(trainer, config, root: Path, resume_from: str | None, callback, *, cast_back: bool = True):
     """Run ``trainer``, save the final model as ``hf_format/samples_<N>`` (atomically), return (path, metrics)."""
     from training_hub.engine.checkpoint import atomic_directory
@@ -365,7 +338,9 @@ def _train_and_save(trainer, config, root: Path, resume_from: str | None, callba
     if config.save_final_checkpoint and trainer.is_world_process_zero():
         path = root / HF_DIR / f"samples_{samples}"
         if cast_back:  # trained in fp32: store the weights in the dtype the starting checkpoint had
-            trainer.model.to(_original_dtype(config))
+            from training_hub.engine.model import stored_dtype
+
+            trainer.model.to(stored_dtype(config.model_path, config.trust_remote_code))
         with atomic_directory(path) as tmp:
             trainer.save_model(str(tmp))
             trainer.processing_class.save_pretrained(str(tmp))
@@ -383,34 +358,22 @@ def _train_and_save(trainer, config, root: Path, resume_from: str | None, callba
     return path, metrics, last
 
 
-class _TRLBackend(Backend):
-    """Shared parts: availability, typed config at the top, the backend's own checks before any work."""
+class _TRLBackend(BuiltinBackend):
+    """Shared parts: availability and what TRL cannot do here (``refusals``, checked before any work)."""
 
-    algorithm: ClassVar[str]
+    name = "trl"
     needs: ClassVar[tuple[str, ...]] = ("torch", "transformers", "datasets", "trl", "accelerate")
-    upstream_handles: ClassVar[tuple[str, ...]] = ("use_liger",)  # on CUDA; see training_hub.compat
+    upstream_handles: ClassVar[tuple[str, ...]] = ("use_liger",)  # on CUDA; see training_hub.config.upstream
     install_hint: ClassVar[str] = "pip install training-hub[trl]"
 
     @classmethod
     def is_available(cls) -> Availability:
-        missing = _missing(*cls.needs)
-        if missing:
-            return Availability(False, f"needs {', '.join(missing)} ({cls.install_hint})")
-        return Availability(True)
-
-    @classmethod
-    def config_class(cls) -> type:
-        raise NotImplementedError
+        return availability_of(cls.needs, cls.install_hint)
 
     @classmethod
     def refusals(cls, config, given: set[str]) -> list[str]:
-        """What TRL cannot do with this call here (used to choose the default backend)."""
+        """What TRL cannot do with this call here."""
         return _unsupported(config, cls.algorithm)
-
-    def typed_config(self, algorithm_params: Dict[str, Any]):
-        config = validate_params(self.config_class(), algorithm_params, what=f"the trl {self.algorithm} backend")
-        _raise_if(_unsupported(config, self.algorithm), f"{self.algorithm} with the trl backend")
-        return config
 
 
 # ------------------------------------------------------------------------------------------------ SFT / LoRA
@@ -424,12 +387,9 @@ class TRLSFTBackend(_TRLBackend):
 
     @classmethod
     def config_class(cls) -> type:
-        from training_hub.algorithms.sft import SFTConfig
-
         return SFTConfig
 
-    def execute_training(self, algorithm_params: Dict[str, Any]) -> Any:
-        config = self.typed_config(algorithm_params)
+    def run(self, config, given: set[str], options: Dict[str, Any]) -> Any:
         return self._run_sft(config)
 
     def peft_config(self, config, model):
@@ -506,8 +466,6 @@ class TRLLoRASFTBackend(TRLSFTBackend):
 
     @classmethod
     def config_class(cls) -> type:
-        from training_hub.algorithms.lora import LoRASFTConfig
-
         return LoRASFTConfig
 
     def peft_config(self, config, model):
@@ -553,12 +511,9 @@ class TRLDPOBackend(_TRLBackend):
 
     @classmethod
     def config_class(cls) -> type:
-        from training_hub.algorithms.dpo import DPOConfig
-
         return DPOConfig
 
-    def execute_training(self, algorithm_params: Dict[str, Any]) -> Any:
-        config = self.typed_config(algorithm_params)
+    def run(self, config, given: set[str], options: Dict[str, Any]) -> Any:
         from training_hub.data.validate import load_preference_data
 
         pairs = load_preference_data(config.data_path)  # DataValidationError before any model loads

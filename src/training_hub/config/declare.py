@@ -20,9 +20,40 @@ import dataclasses
 import difflib
 import types
 import typing
-from typing import Any, Literal, Union
+from typing import Any, Callable, Literal, Union
 
 MISSING = dataclasses.MISSING
+
+UPSTREAM_GROUP = "Upstream Training Hub names (translated or ignored)"
+
+
+@dataclasses.dataclass(frozen=True)
+class Upstream:
+    """What a name of the upstream Training Hub API that we do not use ourselves does here.
+
+    Translated: ``target`` is set from ``fold(config)`` when the caller gave this name and not the target.
+    Ignored: when ``ignored_when(value)`` holds for the given value, one ``UpstreamParameterWarning`` says ``why``
+    (unless the chosen backend lists the name in its ``upstream_handles`` and runs on CUDA).
+    """
+
+    why: str
+    target: str | None = None
+    fold: Callable[[Any], Any] | None = None
+    ignored_when: Callable[[Any], bool] | None = None
+
+    @property
+    def translated(self) -> bool:
+        return self.target is not None
+
+
+def translated(target: str, fold: Callable[[Any], Any], why: str = "") -> Upstream:
+    """An upstream-only name that sets ``target`` (to ``fold(config)``) when the target itself was not given."""
+    return Upstream(why=why or f"sets {target}", target=target, fold=fold)
+
+
+def ignored(why: str, when: Callable[[Any], bool] = bool) -> Upstream:
+    """An upstream-only name that has no effect here for the values where ``when(value)`` holds (default: truthy)."""
+    return Upstream(why=why, ignored_when=when)
 
 
 def param(
@@ -34,10 +65,15 @@ def param(
     lt: float | None = None,
     le: float | None = None,
     cli: bool = True,
+    upstream: Upstream | None = None,
     default_factory: Any = MISSING,
 ) -> Any:
-    """A declared parameter: default (omit for required), one-line doc and optional bounds."""
-    meta = {"doc": doc, "gt": gt, "ge": ge, "lt": lt, "le": le, "cli": cli}
+    """A declared parameter: default (omit for required), one-line doc and optional bounds.
+
+    ``upstream``: this name exists for upstream Training Hub scripts only (see :func:`translated`, :func:`ignored`);
+    it is listed after our own parameters in signatures, ``--help`` and the docs.
+    """
+    meta = {"doc": doc, "gt": gt, "ge": ge, "lt": lt, "le": le, "cli": cli, "upstream": upstream}
     if default_factory is not MISSING:
         return dataclasses.field(default_factory=default_factory, metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
@@ -55,6 +91,7 @@ class ParamSpec:
     group: str
     bounds: dict[str, float]
     cli: bool
+    upstream: Upstream | None = None
 
     @property
     def choices(self) -> tuple | None:
@@ -96,7 +133,7 @@ def _type_name(tp: Any) -> str:
 
 
 def param_specs(config_cls: type) -> dict[str, ParamSpec]:
-    """All declared parameters of a config dataclass, in declaration order."""
+    """All declared parameters of a config dataclass: ours in declaration order, then the upstream-only names."""
     cached = config_cls.__dict__.get("_th_specs")
     if cached is not None:
         return cached
@@ -109,9 +146,11 @@ def param_specs(config_cls: type) -> dict[str, ParamSpec]:
         bounds = {k: f.metadata.get(k) for k in ("gt", "ge", "lt", "le") if f.metadata.get(k) is not None}
         specs[f.name] = ParamSpec(
             name=f.name, type=hints[f.name], default=default, required=required,
-            doc=f.metadata.get("doc", ""), group=groups.get(f.name, config_cls.__name__),
-            bounds=bounds, cli=f.metadata.get("cli", True),
+            doc=f.metadata.get("doc", ""), bounds=bounds, cli=f.metadata.get("cli", True),
+            group=UPSTREAM_GROUP if f.metadata.get("upstream") else groups.get(f.name, config_cls.__name__),
+            upstream=f.metadata.get("upstream"),
         )
+    specs = {**{n: s for n, s in specs.items() if not s.upstream}, **{n: s for n, s in specs.items() if s.upstream}}
     setattr(config_cls, "_th_specs", specs)
     return specs
 

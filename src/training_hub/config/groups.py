@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal, Optional, Union
 
-from training_hub.config.declare import DeclaredConfig, param
+from training_hub.config.declare import DeclaredConfig, ignored, param, translated
 
 
 @dataclass(kw_only=True)
@@ -25,10 +25,14 @@ class ModelIOParams(DeclaredConfig):
     validation_split: float = param(0.0, "Fraction of the training data held out for validation when no validation_data_path.", ge=0.0, lt=1.0)
     eval_steps: Optional[int] = param(None, "Also compute the validation loss every N optimizer steps.", gt=0)
     trust_remote_code: bool = param(False, "Allow model code from the model directory (transformers' trust_remote_code).")
-    validation_frequency: Optional[int] = param(None, "Upstream name of eval_steps (used when eval_steps is not given).", gt=0)
-    use_processed_dataset: bool = param(False, "Upstream: data_path is already tokenized (input_ids/labels). Passed through by "
-                                               "the instructlab-training and mini-trainer backends; native and trl always "
-                                               "tokenize themselves (ignored there, with a warning).")
+    validation_frequency: Optional[int] = param(
+        None, "Upstream name of eval_steps (used when eval_steps is not given).", gt=0,
+        upstream=translated("eval_steps", lambda c: c.validation_frequency))
+    use_processed_dataset: bool = param(
+        False, "Upstream: data_path is already tokenized (input_ids/labels). Passed through by the instructlab-training "
+               "and mini-trainer backends; native and trl always tokenize themselves (ignored there, with a warning).",
+        upstream=ignored("training_hub always validates and tokenizes data_path itself (cached under "
+                         "data_output_dir); give the chat or pretraining records, not input_ids/labels"))
 
     def checks(self) -> list[str]:
         problems = super().checks()
@@ -105,7 +109,11 @@ class RuntimeParams(DeclaredConfig):
 
     dtype: Literal["auto", "float32", "bfloat16"] = param("auto", "Training precision: auto = bf16 autocast on CUDA, fp32 on CPU.")
     gradient_checkpointing: bool = param(False, "Recompute activations in the backward pass to save memory.")
-    use_liger: bool = param(False, "Use Liger kernels (CUDA only; ignored with a warning elsewhere).")
+    use_liger: bool = param(
+        False, "Use Liger kernels (CUDA only; ignored with a warning elsewhere).",
+        upstream=ignored("Liger kernels are CUDA-only and used only by the trl, instructlab-training and mini-trainer "
+                         "backends on a CUDA machine; the native engine has no Liger integration (it already skips "
+                         "full-vocabulary logits for prompt tokens)"))
 
 
 @dataclass(kw_only=True)
@@ -117,10 +125,14 @@ class CheckpointParams(DeclaredConfig):
     save_final_checkpoint: bool = param(True, "Save a checkpoint when training ends.")
     resume: bool = param(False, "Continue from the newest complete training state in ckpt_output_dir.")
     keep_last_n_checkpoints: Optional[int] = param(None, "Keep only the newest N intermediate checkpoints (None: keep all).", gt=0)
-    keep_last_checkpoint_only: bool = param(False, "Upstream: keep only the newest checkpoint (same as keep_last_n_checkpoints=1).")
-    accelerate_full_state_at_epoch: bool = param(True, "Upstream: save the full training state for resuming (instructlab-training "
-                                                       "backend). The native engine always writes it with every checkpoint; "
-                                                       "False is ignored there, with a warning.")
+    keep_last_checkpoint_only: bool = param(
+        False, "Upstream: keep only the newest checkpoint (same as keep_last_n_checkpoints=1).",
+        upstream=translated("keep_last_n_checkpoints", lambda c: 1 if c.keep_last_checkpoint_only else None))
+    accelerate_full_state_at_epoch: bool = param(
+        True, "Upstream: save the full training state for resuming (instructlab-training backend). The native engine "
+              "always writes it with every checkpoint; False is ignored there, with a warning.",
+        upstream=ignored("the native engine always writes the full training state with every checkpoint (resume=True "
+                         "needs it)", when=lambda v: v is False))
 
 
 @dataclass(kw_only=True)
@@ -171,19 +183,3 @@ class DistributedParams(DeclaredConfig):
         if self.node_rank >= self.nnodes:
             problems.append(f"node_rank: must be < nnodes ({self.nnodes}), got {self.node_rank}")
         return problems
-
-
-# Groups every training algorithm of our engine takes, in signature order; SFT-style algorithms add
-# SFT_DATA_GROUPS (chat/pretraining data handling), preference algorithms their own.
-TRAINING_GROUPS: tuple[type, ...] = (
-    ModelIOParams, LengthParams, OptimizerParams, ScheduleParams, BatchParams, RuntimeParams,
-    CheckpointParams, LoggingParams, DistributedParams,
-)
-SFT_GROUPS: tuple[type, ...] = (ModelIOParams, LengthParams, SFTDataParams, *TRAINING_GROUPS[2:])
-
-
-def config_bases(*groups: type) -> tuple[type, ...]:
-    """Bases for a config dataclass so that its fields come out in the order of ``groups``."""
-    return tuple(reversed(groups))
-
-

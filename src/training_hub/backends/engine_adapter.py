@@ -1,25 +1,25 @@
 """What the adapter backends (``instructlab-training`` for sft, ``mini-trainer`` for osft) share.
 
-An adapter hands the training itself to an upstream engine and keeps the rest of the run ours, so a call behaves
+An adapter hands the training itself to a third-party engine and keeps the rest of the run ours, so a call behaves
 the same whichever backend runs it:
 
-1. **Availability** (:func:`upstream_availability`): the upstream package is installed (an optional extra) *and*
+1. **Availability** (:func:`engine_availability`): the engine's package is installed (an optional extra) *and*
    CUDA is present. Both engines train on CUDA GPUs only, so without CUDA ``is_available()`` is False with the
    reason, and the default backend falls to ``native``.
 2. **Parameters**: the algorithm validates the call against our declaration first (same defaults, same errors);
-   each adapter then translates the typed config into the upstream ``TrainingArgs`` / ``TorchrunArgs`` in one
+   each adapter then translates the typed config into the engine's ``TrainingArgs`` / ``TorchrunArgs`` in one
    pure function, and refuses -- in one :class:`ParameterError`, before any work -- the parameters the caller gave
-   that the upstream engine cannot honour (:func:`refuse_unsupported`).
-3. **Data** (:func:`prepare_upstream_data`): our pipeline validates (file:line errors), tokenizes with exact loss
+   that the engine cannot honour (its ``refusals()``, the same rule that chooses the default backend).
+3. **Data** (:func:`prepare_engine_data`): our pipeline validates (file:line errors), tokenizes with exact loss
    masks, applies our length policy and caches; the result is written as the tokenized JSONL both engines read
    (``input_ids``, ``labels``, ``len``, ``num_loss_counted_tokens``). ``use_processed_dataset=True`` passes an
    already tokenized ``data_path`` through untouched, as upstream does.
-4. **Reporting** (:func:`run_upstream`): the upstream engine gets one extra callback
-   (:class:`~training_hub.backends.upstream_events.TrainingHubEvents`) whose rank-0 copy appends its events to a
+4. **Reporting** (:func:`run_adapter`): the engine gets one extra callback
+   (:class:`~training_hub.backends.engine_events.TrainingHubEvents`) whose rank-0 copy appends its events to a
    file; a helper thread of this process follows the file while the engine runs in the calling thread, and feeds
    a :class:`RunReporter`: metrics.jsonl in our schema, the shared loggers (TensorBoard, MLflow, W&B) and the
    user's ``TrainingHubCallback`` hooks, called as the steps arrive (a failing hook is logged, as everywhere). If
-   the following itself fails (metrics.jsonl cannot be written, a logger raises), the upstream processes are
+   the following itself fails (metrics.jsonl cannot be written, a logger raises), the engine's processes are
    terminated and the error is raised.
 """
 
@@ -39,21 +39,23 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, ClassVar, Dict
 
-from training_hub.config.declare import ParameterError
-from training_hub.registry import Availability, Backend
+from training_hub.backends.common import BuiltinBackend
+from training_hub.config.processes import launch_plan
+from training_hub.data.training import prepare_training_data
+from training_hub.registry import Availability
 
 logger = logging.getLogger("training_hub")
 
-EVENTS_ENV = "TRAINING_HUB_UPSTREAM_EVENTS"
-EVENTS_FILE = "upstream_events.jsonl"
-DATA_DIR = "upstream"  # under the data cache: data.jsonl (+ validation.jsonl) in the upstream engines' format
+EVENTS_ENV = "TRAINING_HUB_ENGINE_EVENTS"
+EVENTS_FILE = "engine_events.jsonl"
+DATA_DIR = "engine"  # under the data cache: data.jsonl (+ validation.jsonl) in the engines' format
 POLL_SECONDS = 0.5
 
 
 # ------------------------------------------------------------------------------------------------ availability
 
 
-def upstream_availability(module: str, distribution: str, extra: str, engine: str) -> Availability:
+def engine_availability(module: str, distribution: str, extra: str, engine: str) -> Availability:
     """Installed (``module`` importable) and CUDA present; otherwise the reason, with what to do about it."""
     if importlib.util.find_spec(module.split(".")[0]) is None or importlib.util.find_spec(module) is None:
         return Availability(False, f"needs {distribution} (pip install 'training-hub[{extra}]')")
@@ -74,17 +76,9 @@ Rules = dict[str, tuple[Callable[[Any, Any], bool], str]]
 
 
 def unsupported(config, given: set[str], rules: Rules) -> list[str]:
-    """Every given parameter the upstream engine cannot honour, with why (the backends' ``refusals``)."""
+    """Every given parameter the engine cannot honour, with why (the backends' ``refusals``)."""
     return [f"{name}={getattr(config, name)!r}: {why}" for name, (fine, why) in rules.items()
             if name in given and not fine(getattr(config, name), config)]
-
-
-def refuse_unsupported(config, given: set[str], rules: Rules, backend: str) -> None:
-    """One ParameterError naming every given parameter the upstream engine cannot honour, and the way out."""
-    problems = unsupported(config, given, rules)
-    if problems:
-        problems.append(f"backend='native' supports all of these; or leave them out to use {backend}")
-        raise ParameterError(f"the {backend} backend", problems)
 
 
 def engine_options(args_class: type, not_passed: frozenset[str], declared: type) -> frozenset[str]:
@@ -117,17 +111,9 @@ def engine_module(package: str, relative: str) -> Any:
     return None
 
 
-def split_params(params: dict[str, Any], passthrough: frozenset[str]) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(our parameters, engine options passed through); anything else stays with ours and fails validation."""
-    ours = {k: v for k, v in params.items() if k not in passthrough}
-    return ours, {k: v for k, v in params.items() if k in passthrough}
-
-
 def torchrun_fields(config) -> dict[str, Any]:
-    """Our distributed parameters (with cluster ``PET_*`` values, see ``engine.launch``) as upstream TorchrunArgs
+    """Our distributed parameters (with cluster ``PET_*`` values, see ``config.processes``) as the engine's TorchrunArgs
     fields. ``nproc_per_node='auto'`` stays torchrun's ``'gpu'``: one process per GPU of the node."""
-    from training_hub.engine.launch import launch_plan
-
     auto = config.nproc_per_node == "auto" and not os.environ.get("PET_NPROC_PER_NODE")
     plan = launch_plan(dataclasses.replace(config, nproc_per_node=1) if auto else config)
     return {"nproc_per_node": "gpu" if auto else plan.nproc_per_node, "nnodes": plan.nnodes,
@@ -139,8 +125,8 @@ def torchrun_fields(config) -> dict[str, Any]:
 
 
 @dataclass
-class UpstreamData:
-    """Tokenized data in the upstream engines' JSONL format."""
+class EngineData:
+    """Tokenized data in the engines' JSONL format."""
 
     train_path: str
     validation_path: str | None = None
@@ -171,8 +157,8 @@ def _check_pretokenized(path: str, what: str) -> None:
             "(use_processed_dataset=True), or leave use_processed_dataset out to give chat/pretraining records")])
 
 
-def write_upstream_jsonl(dataset, path: Path) -> None:
-    """Write our prepared samples (input_ids, labels, length) as the upstream JSONL, atomically."""
+def write_engine_jsonl(dataset, path: Path) -> None:
+    """Write our prepared samples (input_ids, labels, length) as the engines' JSONL, atomically."""
     def counts(batch):
         return {"num_loss_counted_tokens": [sum(1 for t in labels[1:] if t != -100) for labels in batch["labels"]]}
 
@@ -184,10 +170,10 @@ def write_upstream_jsonl(dataset, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def prepare_upstream_data(config, root: Path) -> UpstreamData:
-    """Validate and tokenize with our pipeline, then write the upstream engines' JSONL (see the module doc).
+def prepare_engine_data(config, root: Path) -> EngineData:
+    """Validate and tokenize with our pipeline, then write the engines' JSONL (see the module doc).
 
-    The validation split is left to the upstream engine (it gets ``validation_split``); a separate
+    The validation split is left to the engine (it gets ``validation_split``); a separate
     ``validation_data_path`` is prepared the same way as the training data.
     """
     cache = Path(config.data_output_dir) if config.data_output_dir else root / "data_cache"
@@ -201,26 +187,24 @@ def prepare_upstream_data(config, root: Path) -> UpstreamData:
         link = out / "data.jsonl"
         link.unlink(missing_ok=True)
         link.symlink_to(Path(config.data_path).resolve())
-        return UpstreamData(str(link), config.validation_data_path, pretokenized=True)
+        return EngineData(str(link), config.validation_data_path, pretokenized=True)
     from transformers import AutoTokenizer
 
-    from training_hub.engine.trainer import prepare_data
-
     tokenizer = AutoTokenizer.from_pretrained(config.model_path, trust_remote_code=config.trust_remote_code)
-    data = prepare_data(dataclasses.replace(config, validation_split=0.0), tokenizer, root)
-    write_upstream_jsonl(data.train, out / "data.jsonl")
+    data = prepare_training_data(dataclasses.replace(config, validation_split=0.0), tokenizer, root)
+    write_engine_jsonl(data.train, out / "data.jsonl")
     validation = None
     if data.validation is not None:
         validation = out / "validation.jsonl"
-        write_upstream_jsonl(data.validation, validation)
-    return UpstreamData(str(out / "data.jsonl"), validation and str(validation))
+        write_engine_jsonl(data.validation, validation)
+    return EngineData(str(out / "data.jsonl"), validation and str(validation))
 
 
 # ------------------------------------------------------------------------------------------------ the run
 
 
 class EventFollower:
-    """Turns the upstream events (JSON lines from ``TrainingHubEvents``) into our records and hooks."""
+    """Turns the engine events (JSON lines from ``TrainingHubEvents``) into our records and hooks."""
 
     def __init__(self, path: Path, reporter):
         self.path, self.reporter = path, reporter
@@ -243,7 +227,7 @@ class EventFollower:
             try:
                 event = json.loads(line)
             except json.JSONDecodeError:
-                logger.warning("skipping an unreadable upstream event line: %r", line[:200])
+                logger.warning("skipping an unreadable engine event line: %r", line[:200])
                 continue
             self.handle(event)
 
@@ -305,7 +289,7 @@ def descendants(pid: int) -> list[int]:
 
 
 def stop_children(spare: set[int], sig: int = signal.SIGTERM) -> None:
-    """Ask the processes started since ``spare`` was taken (the upstream launcher and its workers) to stop."""
+    """Ask the processes started since ``spare`` was taken (the engine's launcher and its workers) to stop."""
     for pid in descendants(os.getpid()):
         if pid not in spare:
             try:
@@ -324,8 +308,8 @@ def newest_checkpoint(root: Path) -> str | None:
     return str(found[-1]) if found else None
 
 
-def run_upstream(config, *, backend: str, launch: Callable[[UpstreamData], None]) -> Any:
-    """Prepare the data, run ``launch(data)`` (the upstream engine) while following its events; the result.
+def run_adapter(config, *, backend: str, launch: Callable[[EngineData], None]) -> Any:
+    """Prepare the data, run ``launch(data)`` (the engine) while following its events; the result.
 
     ``launch`` runs in the calling thread: the engines install their own signal handlers there (Ctrl-C, and the
     preemption signals of ``on_demand_checkpointing``), which Python allows in the main thread only. A helper
@@ -339,7 +323,7 @@ def run_upstream(config, *, backend: str, launch: Callable[[UpstreamData], None]
 
     root = Path(config.ckpt_output_dir)
     check_output_dir(root, resume=False)
-    data = prepare_upstream_data(config, root)  # a data error leaves root untouched (the cache is written after)
+    data = prepare_engine_data(config, root)  # a data error leaves root untouched (the cache is written after)
     root.mkdir(parents=True, exist_ok=True)
     events = root / EVENTS_FILE
     events.unlink(missing_ok=True)
@@ -362,7 +346,7 @@ def run_upstream(config, *, backend: str, launch: Callable[[UpstreamData], None]
     os.environ[EVENTS_ENV] = str(events.resolve())  # the torchrun workers inherit it
     watcher = threading.Thread(target=follow, name=f"training_hub-{backend}-events", daemon=True)
     try:
-        reporter.begin(total_steps=None)  # on_train_begin; the upstream engine decides the number of steps
+        reporter.begin(total_steps=None)  # on_train_begin; the engine decides the number of steps
         watcher.start()
         try:
             launch(data)
@@ -393,16 +377,14 @@ def run_upstream(config, *, backend: str, launch: Callable[[UpstreamData], None]
 # ------------------------------------------------------------------------------------------------ the backend
 
 
-class UpstreamAdapter(Backend):
-    """A backend that hands training to an upstream engine; a subclass declares the engine and its translation.
+class EngineAdapter(BuiltinBackend):
+    """A backend that hands training to a third-party engine; a subclass declares the engine and its translation.
 
-    ``execute_training``: split off the engine options, validate the rest against our declaration, refuse what
-    the engine cannot honour, translate once with placeholder data (the engine's own classes check the options
-    before any work), then :func:`run_upstream`.
+    ``run``: the call arrives validated and checked against ``refusals()`` (``BuiltinBackend.train_config``); it is
+    translated once with placeholder data (the engine's own classes check the options before any work), then
+    :func:`run_adapter`.
     """
 
-    engine: ClassVar[str]  # our backend name, e.g. "mini-trainer"
-    algorithm: ClassVar[str]
     package: ClassVar[str]  # the engine's importable package, e.g. "instructlab.training"
     distribution: ClassVar[str]  # its PyPI name
     extra: ClassVar[str]  # our extra that installs it
@@ -410,12 +392,12 @@ class UpstreamAdapter(Backend):
     rules: ClassVar[Rules] = {}
     not_passed: ClassVar[frozenset[str]] = frozenset()  # TrainingArgs fields the adapter owns
 
-    @classmethod
-    def config_class(cls) -> type:
-        raise NotImplementedError
+    @property
+    def refusal_hint(self) -> str:  # type: ignore[override]
+        return f"backend='native' supports all of these; or leave them out to use {self.name}"
 
     @classmethod
-    def translate(cls, config, data: UpstreamData, given: set[str], options: Dict[str, Any]):
+    def translate(cls, config, data: EngineData, given: set[str], options: Dict[str, Any]):
         """``(TrainingArgs, TorchrunArgs)`` of the engine."""
         raise NotImplementedError
 
@@ -425,7 +407,7 @@ class UpstreamAdapter(Backend):
 
     @classmethod
     def is_available(cls) -> Availability:
-        return upstream_availability(cls.package, cls.distribution, cls.extra, cls.engine)
+        return engine_availability(cls.package, cls.distribution, cls.extra, cls.name)
 
     @classmethod
     def refusals(cls, config, given: set[str]) -> list[str]:
@@ -438,18 +420,12 @@ class UpstreamAdapter(Backend):
         module = engine_module(cls.package, cls.args_file)
         return engine_options(module.TrainingArgs, cls.not_passed, cls.config_class()) if module else frozenset()
 
-    def execute_training(self, algorithm_params: Dict[str, Any]) -> Any:
-        from training_hub.config.declare import validate_params
+    def run(self, config: Any, given: set[str], options: Dict[str, Any]) -> Any:
+        self.translate(config, EngineData("data.jsonl"), given, options)  # bad options fail here, before any work
 
-        params, options = split_params(algorithm_params, self.passthrough_params())
-        config = validate_params(self.config_class(), params, what=f"the {self.engine} {self.algorithm} backend")
-        given = set(params)
-        refuse_unsupported(config, given, self.rules, self.engine)
-        self.translate(config, UpstreamData("data.jsonl"), given, options)  # bad options fail here, before any work
-
-        def launch(data: UpstreamData) -> None:
+        def launch(data: EngineData) -> None:
             train_args, torch_args = self.translate(config, data, given, options)
             self.run_engine(torch_args, train_args)
 
-        return run_upstream(config, backend=self.engine, launch=launch)
+        return run_adapter(config, backend=self.name, launch=launch)
 

@@ -1,4 +1,4 @@
-"""The callback the adapter backends hand to an upstream engine, so its runs report back to us.
+"""The callback the adapter backends hand to a third-party engine, so its runs report back to us.
 
 instructlab-training and mini-trainer train in torchrun workers and take callbacks *as class source*: they
 ``inspect.getsource`` each callback's class, send it over the command line and re-execute it in every worker, in
@@ -6,24 +6,24 @@ a namespace where ``TrainerCallback`` is their own base class. So the class belo
 inside the methods, a constructor without arguments), and here ``TrainerCallback`` is only a stand-in name: the
 class is never used as a callback in this process.
 
-In the workers, rank 0 appends one JSON line per event to the file named by ``TRAINING_HUB_UPSTREAM_EVENTS`` (the
-workers inherit our environment); :mod:`training_hub.backends.upstream_bridge` reads the file while the run goes
+In the workers, rank 0 appends one JSON line per event to the file named by ``TRAINING_HUB_ENGINE_EVENTS`` (the
+workers inherit our environment); :mod:`training_hub.backends.engine_adapter` reads the file while the run goes
 and turns the lines into metrics.jsonl records, logger calls and ``TrainingHubCallback`` hooks.
 """
 
 from __future__ import annotations
 
-TrainerCallback = object  # stand-in; the upstream engine supplies the real base class when it runs the source
+TrainerCallback = object  # stand-in; the engine supplies the real base class when it runs the source
 
 
 class TrainingHubEvents(TrainerCallback):
-    """Appends upstream lifecycle events as JSON lines (rank 0 only)."""
+    """Appends engine lifecycle events as JSON lines (rank 0 only)."""
 
     def _emit(self, event, context, **fields):
         import json
         import os
 
-        path = os.environ.get("TRAINING_HUB_UPSTREAM_EVENTS")
+        path = os.environ.get("TRAINING_HUB_ENGINE_EVENTS")
         if not path or not getattr(context, "is_world_process_zero", True):
             return
 

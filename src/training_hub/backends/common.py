@@ -1,0 +1,103 @@
+"""What the built-in backends share: they receive the validated, typed config from the algorithm.
+
+A built-in backend still honours the seed guide's contract, ``execute_training(algorithm_params: dict)``, for a
+caller that uses it directly: the dict is validated into the typed config there. Through an algorithm
+(``sft()``, ``create_algorithm(...).train()``) the call is validated once, in the caller, and arrives through
+:meth:`BuiltinBackend.train_config`.
+
+Every "this backend cannot take that" rule is in the backend's ``refusals(config, given)``: the algorithm's default
+choice skips a backend that refuses a call, and a named backend raises the same refusals as one ``ParameterError``
+before any data, model or output directory is touched.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from typing import Any, ClassVar, Dict
+
+from training_hub.config.declare import ParameterError, validate_params
+from training_hub.config.upstream import fold_translated, upstream_call
+from training_hub.registry import Availability, Backend
+
+
+def missing_modules(*modules: str) -> list[str]:
+    """The importable names among ``modules`` that are not installed (checked without importing them)."""
+    return [m for m in modules if importlib.util.find_spec(m) is None]
+
+
+def availability_of(modules: tuple[str, ...], install_hint: str) -> Availability:
+    missing = missing_modules(*modules)
+    if missing:
+        return Availability(False, f"needs {', '.join(missing)} ({install_hint})")
+    return Availability(True)
+
+
+def passthrough_names(backend_cls: type) -> frozenset[str]:
+    """The engine options a backend accepts besides the declared parameters (adapter backends; empty for others
+    and where the engine is not installed)."""
+    names = getattr(backend_cls, "passthrough_params", None)
+    if names is None:
+        return frozenset()
+    try:
+        return frozenset(names())
+    except Exception:  # a broken or missing engine must not break validation; the backend reports it
+        return frozenset()
+
+
+def qlora_problems() -> list[str]:
+    """Why ``load_in_4bit=True`` cannot run on this machine (empty when it can): for every LoRA backend's checks."""
+    import torch
+
+    why = []
+    if not torch.cuda.is_available():
+        why.append("CUDA is not available")
+    if importlib.util.find_spec("bitsandbytes") is None:
+        why.append("bitsandbytes is not installed (pip install bitsandbytes)")
+    if why:
+        return [f"load_in_4bit: QLoRA needs CUDA and bitsandbytes, but {' and '.join(why)}; "
+                "train without load_in_4bit (plain LoRA) instead"]
+    return []
+
+
+class BuiltinBackend(Backend):
+    """A backend shipped with training_hub. Subclasses set ``name``/``algorithm``, ``config_class()``,
+    ``refusals()`` (what they cannot take) and ``run(config, given, options)`` (the training)."""
+
+    name: ClassVar[str]  # the registered backend name, e.g. "native"
+    algorithm: ClassVar[str]
+    refusal_hint: ClassVar[str] = ""  # the way out, added to a refusal
+
+    @classmethod
+    def config_class(cls) -> type:
+        raise NotImplementedError
+
+    @classmethod
+    def refusals(cls, config: Any, given: set[str]) -> list[str]:
+        """What this backend cannot do with a validated call (empty: it can); ``given``: the names the caller gave."""
+        return []
+
+    @classmethod
+    def passthrough_params(cls) -> frozenset[str]:
+        """Undeclared names (engine options) this backend takes as they are."""
+        return frozenset()
+
+    def execute_training(self, algorithm_params: Dict[str, Any]) -> Any:
+        """The seed contract, for direct callers: validate the plain dict, then :meth:`train_config`."""
+        takes = passthrough_names(type(self))
+        options = {k: v for k, v in algorithm_params.items() if k in takes}
+        params = upstream_call({k: v for k, v in algorithm_params.items() if k not in takes}, self.config_class())
+        what = f"the {self.name} {self.algorithm} backend"
+        config, names = fold_translated(validate_params(self.config_class(), params, what=what), list(params),
+                                        what=what)
+        return self.train_config(config, set(names), options)
+
+    def train_config(self, config: Any, given: set[str], options: Dict[str, Any] | None = None) -> Any:
+        """Train a validated call: refuse what this backend cannot do (one error, before any work), then run."""
+        problems = self.refusals(config, given)
+        if problems:
+            raise ParameterError(f"{self.algorithm}() with the {self.name} backend",
+                                 problems + ([self.refusal_hint] if self.refusal_hint else []))
+        return self.run(config, given, options or {})
+
+    def run(self, config: Any, given: set[str], options: Dict[str, Any]) -> Any:
+        raise NotImplementedError
