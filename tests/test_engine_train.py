@@ -174,7 +174,7 @@ def test_sample_longer_than_token_budget_fails_before_the_model_loads(tiny_model
 
 
 def test_multi_process_is_a_clear_error(tiny_model_dir, chat_data, tmp_path):
-    # (W&B / TensorBoard / MLflow now take effect: tests/test_loggers.py; use_liger warns in training_hub.compat:
+    # (W&B / TensorBoard / MLflow now take effect: tests/test_loggers.py; use_liger warns in training_hub.config.upstream:
     # tests/test_upstream_compat.py)
     with pytest.raises(ValueError, match=r"train_sft\(\) is one process of a run; start several through sft"):
         train(tiny_model_dir, chat_data, tmp_path / "a", nproc_per_node=2)  # sft() launches torchrun instead

@@ -3,7 +3,7 @@
 Every built-in algorithm accepts ``callbacks=`` (one callback or a list) and every built-in backend calls the
 hooks: the native loops through :class:`training_hub.engine.reporter.RunReporter`, the trl backends through a
 ``transformers.TrainerCallback`` bridge (:mod:`training_hub.backends.trl_bridge`), the adapter backends from the
-events of the upstream engine (:mod:`training_hub.backends.upstream_bridge`).
+events of a third-party engine (:mod:`training_hub.backends.engine_adapter`).
 
 Two hook styles work, so callbacks written for the upstream Training Hub run unchanged:
 
@@ -152,10 +152,11 @@ class CallbackList:
 
 
 def _source_namespace() -> dict:
-    import training_hub
+    import sys
 
+    # The package itself (always imported before any of its modules), without importing upward from this module.
     return {"TrainingHubCallback": TrainingHubCallback, "TrainingHubContext": TrainingContext,
-            "TrainingContext": TrainingContext, "training_hub": training_hub}
+            "TrainingContext": TrainingContext, "training_hub": sys.modules["training_hub"]}
 
 
 def _from_source(source: str, name: str) -> TrainingHubCallback:

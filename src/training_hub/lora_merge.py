@@ -57,15 +57,12 @@ def merge_adapter(adapter_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
 
     import torch
     from peft import PeftModel
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from training_hub.engine.checkpoint import atomic_directory
+    from training_hub.engine.model import stored_dtype
 
-    if dtype == "auto":
-        saved = getattr(AutoConfig.from_pretrained(base, trust_remote_code=trust_remote_code), "dtype", None)
-        save_dtype = saved if isinstance(saved, torch.dtype) else getattr(torch, str(saved or "float32"))
-    else:
-        save_dtype = getattr(torch, dtype)
+    save_dtype = stored_dtype(base, trust_remote_code) if dtype == "auto" else getattr(torch, dtype)
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32, trust_remote_code=trust_remote_code)
     merged = PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
     merged = merged.to(save_dtype)

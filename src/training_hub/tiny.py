@@ -14,10 +14,10 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
+
+from training_hub.fsutil import atomic_directory
 
 __all__ = ["make_tiny_model", "demo_data_path", "CHATML_TEMPLATE", "SPECIAL_TOKENS"]
 
@@ -244,17 +244,7 @@ def make_tiny_model(
     )
 
     # Write to a temporary sibling folder, then rename: a failure never leaves a complete-looking folder.
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    try:
+    with atomic_directory(out_dir, prefix=f".{out_dir.name}.tmp-") as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        if out_dir.is_dir():
-            shutil.rmtree(out_dir)
-        elif out_dir.exists():
-            out_dir.unlink()
-        tmp.rename(out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir

@@ -10,8 +10,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,6 +21,7 @@ from training_hub.data.tokenize import (
     KEEP, NO_LOSS, TOO_LONG, ChatRenderer, backend_tokenizer, tokenize_chats, tokenize_documents,
 )
 from training_hub.data.validate import Records, read_records
+from training_hub.fsutil import atomic_directory
 
 CACHE_VERSION = "training-hub-data-1"  # change when processing changes its output
 BATCH_SIZE = 1000
@@ -225,19 +224,11 @@ def cache_key(data_path: str, tokenizer, params: dict) -> str:
 
 
 def _save_cached(path: Path, dataset, summary: DataSummary) -> None:
-    """Write dataset and summary to a temporary sibling, then rename: a cache entry is complete or absent."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-    try:
+    """Write dataset and summary under a temporary name, then rename: a cache entry is complete or absent (when
+    another process finished first, its entry is equivalent and is kept)."""
+    with atomic_directory(path, prefix=f".{path.name}.tmp-", existing="keep") as tmp:
         dataset.save_to_disk(str(tmp / "dataset"))
         (tmp / "summary.json").write_text(json.dumps(summary.to_dict(), indent=1))
-        if path.exists():  # another process finished first; its entry is equivalent
-            shutil.rmtree(tmp)
-        else:
-            os.replace(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def _load_cached(path: Path) -> PreparedData:

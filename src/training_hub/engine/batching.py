@@ -17,6 +17,8 @@ import random
 from dataclasses import dataclass
 from typing import Sequence
 
+from training_hub.data.training import check_sample_lengths  # noqa: F401  (it was defined here)
+
 IGNORE_INDEX = -100
 
 
@@ -28,17 +30,6 @@ class Step:
     num_samples: int  # of the whole step, across ranks
     num_tokens: int
     max_micro_batches: int = 0  # the most micro-batches any rank has in this step (every rank runs that many)
-
-
-def check_sample_lengths(lengths: Sequence[int], max_tokens_per_gpu: int, what: str = "training") -> None:
-    """Raise a ValueError (before any training) if a single sample cannot fit one micro-batch."""
-    too_long = [(i, n) for i, n in enumerate(lengths) if n > max_tokens_per_gpu]
-    if too_long:
-        index, length = max(too_long, key=lambda item: item[1])
-        raise ValueError(
-            f"{len(too_long)} {what} sample(s) are longer than max_tokens_per_gpu={max_tokens_per_gpu} "
-            f"(longest: sample {index} with {length} tokens); a sample cannot be split across micro-batches. "
-            f"Raise max_tokens_per_gpu to at least {length}, or lower max_seq_len.")
 
 
 def pack_into_micro_batches(indices: Sequence[int], lengths: Sequence[int], max_tokens: int) -> list[list[int]]:

@@ -17,18 +17,16 @@ values only), so a crafted file there cannot run code on resume. Directories are
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
-import os
 import pickle
 import random
 import shutil
-import tempfile
 from pathlib import Path
-from typing import Iterator
 
 import torch
+
+from training_hub.fsutil import atomic_directory  # noqa: F401  (part of this module's API)
 
 logger = logging.getLogger(__name__)
 
@@ -40,35 +38,6 @@ METRICS_FILE = "metrics.jsonl"
 
 class ExistingRunError(ValueError):
     """ckpt_output_dir already holds a run, and resume=True was not given."""
-
-
-@contextlib.contextmanager
-def atomic_directory(final: Path) -> Iterator[Path]:
-    """Yield a temporary sibling directory; rename it to ``final`` when the block succeeds, delete it otherwise."""
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=final.parent))
-    try:
-        tmp.chmod(0o777 & ~_umask())  # mkdtemp makes 0700; the renamed directory gets what mkdir would give
-        yield tmp
-        if final.exists():  # a leftover of an interrupted run at the same point: replace it
-            shutil.rmtree(final)
-        tmp.rename(final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def _umask() -> int:
-    """The process umask, read without changing it where Linux shows it (os.umask can only read by setting)."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("Umask:"):
-                return int(line.split()[1], 8)
-    except (OSError, ValueError, IndexError):
-        pass
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def remove_temporaries(root: Path) -> None:

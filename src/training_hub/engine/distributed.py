@@ -28,6 +28,8 @@ from dataclasses import dataclass
 
 import torch
 
+from training_hub.config.processes import in_torchrun_worker
+
 logger = logging.getLogger(__name__)
 
 # Last resort against a hang (a rank stuck while the others wait in a collective); torchrun normally ends a
@@ -59,11 +61,6 @@ class Ranks:
 
 
 SINGLE = Ranks()
-
-
-def in_torchrun_worker() -> bool:
-    """True inside a process started by torchrun (or another launcher that sets the torch.distributed env)."""
-    return "RANK" in os.environ and "WORLD_SIZE" in os.environ and "LOCAL_RANK" in os.environ
 
 
 def setup(strategy: str) -> Ranks:

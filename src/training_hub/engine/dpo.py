@@ -23,25 +23,22 @@ model loading, device and autocast, token-budget step planning, packing, checkpo
 from __future__ import annotations
 
 import logging
-import math
-import os
-import random
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
 
 from training_hub.engine import checkpoint as ckpt
-from training_hub.engine.batching import IGNORE_INDEX, pack, pack_into_micro_batches, plan_epoch
+from training_hub.engine import distributed
+from training_hub.engine.batching import IGNORE_INDEX, Step, pack, pack_into_micro_batches, plan_epoch
 from training_hub.engine.loss import packed_logits
-from training_hub.engine.metrics import MetricsWriter, peak_memory_bytes, progress_bar, step_record
-from training_hub.engine.reporter import RunReporter
-from training_hub.engine.schedule import build_scheduler
-from training_hub.engine.trainer import (
-    after_step, check_resume_matches, count_step, device_and_autocast, end_of_epoch, load_model, stop_on_sigterm,
+from training_hub.engine.model import device_and_autocast, load_model
+from training_hub.engine.run import (
+    Progress, Run, StepOutcome, execute, optimizer_and_scheduler, seed_everything, total_steps,
 )
 from training_hub.losses.dpo import dpo_sigmoid_loss
 from training_hub.result import TrainingResult
@@ -60,18 +57,6 @@ class Pairs:
 
 
 # ---------------------------------------------------------------------------------------------------- setup
-
-def check_dpo_supported(config) -> None:
-    """Refuse what the native DPO loop cannot do (before any work), and warn about settings it ignores."""
-    if config.loss_type != "sigmoid":
-        raise ValueError(f"loss_type={config.loss_type!r}: the native dpo backend implements only the sigmoid loss; "
-                         "use backend='trl' for hinge or ipo.")
-    wanted = config.nproc_per_node if isinstance(config.nproc_per_node, int) else 1
-    if wanted > 1 or config.nnodes > 1 or int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise ValueError(f"nproc_per_node={config.nproc_per_node}, nnodes={config.nnodes}: the native dpo backend "
-                         "trains in one process; use nproc_per_node=1 and nnodes=1, or backend='trl' under torchrun.")
-    # W&B / TensorBoard / MLflow: engine.reporter; use_liger: training_hub.compat warns when it cannot take effect
-
 
 def pair_tokens(pair: dict) -> int:
     """Tokens a pair takes in a packed micro-batch: prompt+chosen and prompt+rejected."""
@@ -203,160 +188,90 @@ def validation_stats(model, pairs: list[dict], reference: torch.Tensor, beta: fl
 
 # ---------------------------------------------------------------------------------------------------- train
 
-def train_dpo(config) -> TrainingResult:
+class DPORecipe:
+    """DPO's own parts of a run (see ``engine.run``); built by :func:`train_dpo` once everything is set up."""
+
+    def __init__(self, config: Any, *, device: torch.device, autocast, data: Pairs, tokenizer, model,
+                 save_dtype: torch.dtype, optimizer, scheduler, root: Path):
+        self.config, self.device, self.autocast, self.data, self.tokenizer = config, device, autocast, data, tokenizer
+        self.model, self.save_dtype, self.optimizer, self.scheduler, self.root = (model, save_dtype, optimizer,
+                                                                                   scheduler, root)
+        self.trainable = [p for p in model.parameters() if p.requires_grad]
+        self.lengths = [pair_tokens(p) for p in data.train]
+        t0 = time.perf_counter()  # the reference log-probs: once, before any update
+        self.reference = reference_logps(model, data.train, data.max_tokens, device, autocast)
+        self.val_reference = (reference_logps(model, data.validation, data.max_tokens, device, autocast)
+                              if data.validation else None)
+        logger.info("reference log-probs of %d pairs in %.1fs", len(data.train) + len(data.validation or []),
+                    time.perf_counter() - t0)
+
+    def plan_epoch(self, epoch: int) -> list[Step]:
+        return plan_epoch(self.lengths, effective_batch_size=self.config.effective_batch_size,
+                          max_tokens_per_gpu=self.data.max_tokens, seed=self.config.seed, epoch=epoch)
+
+    def train_step(self, step: Step, stop: Callable[[], bool]) -> StepOutcome:
+        micros = [(micro, collate_pairs(self.data.train, micro, self.device)) for micro in step.micro_batches]
+        stats = step_loss_and_backward(self.model, micros, self.reference, self.config.beta, self.autocast)
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.trainable, self.config.max_grad_norm or float("inf")))
+        lr = self.scheduler.get_last_lr()[0]
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        loss = stats.pop("loss")
+        loss_tokens = sum(int(row["loss_mask"].sum()) for _, row in micros)
+        return StepOutcome(loss=loss, lr=lr, grad_norm=grad_norm, loss_tokens=loss_tokens, stop=stop(), extra=stats)
+
+    def validate(self) -> dict:
+        return validation_stats(self.model, self.data.validation, self.val_reference, self.config.beta,
+                                self.data.max_tokens, self.device, self.autocast)
+
+    def save_checkpoint(self, samples_seen: int) -> Path | None:
+        return ckpt.save_hf_checkpoint(self.model, self.tokenizer, self.root, samples_seen, self.save_dtype)
+
+    def save_state(self, progress: dict) -> None:
+        ckpt.save_training_state(self.root, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler,
+                                 progress=progress)
+
+    def result_metrics(self, progress: Progress) -> dict:
+        last, last_validation = progress.last, progress.last_validation
+        return {"final_loss": last.get("loss"), "final_reward_margin": last.get("reward_margin"),
+                "final_reward_accuracy": last.get("reward_accuracy"),
+                "validation_loss": last_validation.get("loss"),
+                "validation_reward_accuracy": last_validation.get("reward_accuracy"),
+                "dropped_or_truncated_samples": self.data.dropped}
+
+
+def train_dpo(config: Any) -> TrainingResult:
     """Train ``config.model_path`` on the preference pairs in ``config.data_path``; return a ``TrainingResult``."""
     from transformers import AutoTokenizer
 
-    check_dpo_supported(config)
     root = Path(config.ckpt_output_dir)
     resume_from = ckpt.check_output_dir(root, config.resume)
     device, autocast = device_and_autocast(config.dtype)
-    random.seed(config.seed)
-    torch.manual_seed(config.seed)
+    seed_everything(config.seed)
 
     tokenizer = AutoTokenizer.from_pretrained(config.model_path, trust_remote_code=config.trust_remote_code)
     data = prepare_pairs(config, tokenizer)  # validates all data before anything is written
     print(f"dpo: {len(data.train)} training pairs, {len(data.validation or [])} validation pairs, "
           f"{data.dropped} dropped or truncated (max_length {config.effective_max_length})", file=sys.stderr)
     root.mkdir(parents=True, exist_ok=True)
-    lengths = [pair_tokens(p) for p in data.train]
-    steps_per_epoch = math.ceil(len(lengths) / config.effective_batch_size)
-    total_steps = steps_per_epoch * config.num_epochs
-    if config.max_steps:
-        total_steps = min(total_steps, config.max_steps)
-    plan_keys = {"seed": config.seed, "effective_batch_size": config.effective_batch_size,
-                 "max_tokens_per_gpu": data.max_tokens, "num_train_samples": len(lengths),
-                 "model_path": str(config.model_path), "beta": config.beta,
-                 "max_length": config.effective_max_length, "max_prompt_length": config.max_prompt_length}
+    steps_per_epoch, total = total_steps(config, len(data.train))
+    progress = Progress(plan={"seed": config.seed, "effective_batch_size": config.effective_batch_size,
+                              "max_tokens_per_gpu": data.max_tokens, "num_train_samples": len(data.train),
+                              "model_path": str(config.model_path), "beta": config.beta,
+                              "max_length": config.effective_max_length,
+                              "max_prompt_length": config.max_prompt_length})
 
     model, save_dtype = load_model(config, device)
-    t0 = time.perf_counter()
-    reference = reference_logps(model, data.train, data.max_tokens, device, autocast)  # once, before any update
-    val_reference = reference_logps(model, data.validation, data.max_tokens, device, autocast) \
-        if data.validation else None
-    logger.info("reference log-probs of %d pairs in %.1fs", len(data.train) + len(data.validation or []),
-                time.perf_counter() - t0)
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=config.learning_rate, betas=(config.beta1, config.beta2),
-                                  eps=config.eps, weight_decay=config.weight_decay, fused=True)
-    scheduler = build_scheduler(optimizer, name=config.lr_scheduler, warmup_steps=config.warmup_steps,
-                                total_steps=total_steps, scheduler_kwargs=config.lr_scheduler_kwargs)
-
-    progress = {"global_step": 0, "epoch": 0, "step_in_epoch": 0, "samples_seen": 0, "tokens_seen": 0,
-                "elapsed": 0.0, "last_saved_samples": None, "last": {}, **plan_keys}
+    optimizer, scheduler = optimizer_and_scheduler(config, [p for p in model.parameters() if p.requires_grad], total)
+    recipe = DPORecipe(config, device=device, autocast=autocast, data=data, tokenizer=tokenizer, model=model,
+                       save_dtype=save_dtype, optimizer=optimizer, scheduler=scheduler, root=root)
     if resume_from is not None:
         saved = ckpt.load_training_state(resume_from, model=model, optimizer=optimizer, scheduler=scheduler,
                                          device=device)
-        check_resume_matches(saved, plan_keys)
-        progress.update({k: saved[k] for k in progress if k in saved and k not in plan_keys})
+        progress.restore(saved)
         logger.info("resuming from %s (step %d, %d pairs seen)", resume_from, saved["global_step"],
                     saved["samples_seen"])
-    metrics = RunReporter(MetricsWriter(root / ckpt.METRICS_FILE,
-                                        keep_through_step=progress["global_step"] if resume_from is not None else None),
-                          config, backend="native")  # metrics.jsonl + callbacks + experiment loggers
-    metrics.begin(total_steps, progress["global_step"], progress["samples_seen"])
-
-    def save(hf: bool) -> None:
-        """An HF checkpoint (once per pair count) and the training state that goes with it."""
-        if hf and progress["last_saved_samples"] != progress["samples_seen"]:
-            saved = ckpt.save_hf_checkpoint(model, tokenizer, root, progress["samples_seen"], save_dtype)
-            ckpt.prune_hf_checkpoints(root, config.keep_last_n_checkpoints)
-            metrics.saved(saved)
-            progress["last_saved_samples"] = progress["samples_seen"]
-        ckpt.save_training_state(root, model=model, optimizer=optimizer, scheduler=scheduler,
-                                 progress={**progress, "elapsed": elapsed()})
-
-    def validate() -> None:
-        stats = validation_stats(model, data.validation, val_reference, config.beta, data.max_tokens, device,
-                                 autocast)
-        epoch = progress["epoch"] + progress["step_in_epoch"] / steps_per_epoch
-        metrics.write({"type": "validation", "step": progress["global_step"], "epoch": round(epoch, 6), **stats,
-                       "elapsed": round(elapsed(), 4)})
-        progress["last_validation"] = stats
-        logger.info("validation loss %.4f, reward accuracy %.3f at step %d", stats["loss"], stats["reward_accuracy"],
-                    progress["global_step"])
-
-    start_time, prior_elapsed = time.perf_counter(), progress["elapsed"]
-    elapsed = lambda: prior_elapsed + time.perf_counter() - start_time  # noqa: E731
-    train_seconds, train_tokens, status = 0.0, 0, "success"
-    bar = progress_bar(total_steps, progress["global_step"], config.disable_progress_bar, desc="dpo")
-    try:
-        with stop_on_sigterm() as sigterm:
-            while progress["epoch"] < config.num_epochs and progress["global_step"] < total_steps:
-                steps = plan_epoch(lengths, effective_batch_size=config.effective_batch_size,
-                                   max_tokens_per_gpu=data.max_tokens, seed=config.seed, epoch=progress["epoch"])
-                if progress["step_in_epoch"] == 0:
-                    metrics.epoch_begin()
-                while progress["step_in_epoch"] < len(steps) and progress["global_step"] < total_steps:
-                    metrics.step_begin()
-                    step = steps[progress["step_in_epoch"]]
-                    t0 = time.perf_counter()
-                    micros = [(micro, collate_pairs(data.train, micro, device)) for micro in step.micro_batches]
-                    stats = step_loss_and_backward(model, micros, reference, config.beta, autocast)
-                    clip = config.max_grad_norm or float("inf")
-                    grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, clip))
-                    lr = scheduler.get_last_lr()[0]
-                    optimizer.step()
-                    scheduler.step()
-                    optimizer.zero_grad(set_to_none=True)
-                    seconds = time.perf_counter() - t0
-                    train_seconds += seconds
-                    train_tokens += step.num_tokens
-
-                    before, epoch = count_step(progress, step, len(steps))
-                    progress["last"] = stats
-                    loss_tokens = sum(int(row["loss_mask"].sum()) for _, row in micros)
-                    record = step_record(step=progress["global_step"], epoch=epoch, loss=stats["loss"], lr=lr,
-                                         grad_norm=grad_norm, samples=step.num_samples, tokens=step.num_tokens,
-                                         loss_tokens=loss_tokens, seconds=seconds, elapsed=elapsed())
-                    metrics.write({**record, **stats})
-                    bar.update(1)
-                    bar.set_postfix(loss=f"{stats['loss']:.4f}", margin=f"{stats['reward_margin']:.3f}")
-                    if progress["global_step"] % config.logging_steps == 0:
-                        logger.info("step %d/%d loss %.4f margin %.4f accuracy %.3f lr %.3g grad_norm %.3f",
-                                    progress["global_step"], total_steps, stats["loss"], stats["reward_margin"],
-                                    stats["reward_accuracy"], lr, grad_norm)
-
-                    after_step(config, progress, before, validate, save)
-                    if sigterm["stop"]:
-                        break
-                if sigterm["stop"]:
-                    save(hf=False)
-                    status = "stopped"
-                    logger.warning("SIGTERM: saved the training state at step %d; resume with resume=True",
-                                   progress["global_step"])
-                    break
-                if progress["step_in_epoch"] < len(steps):  # stopped by max_steps inside the epoch
-                    break
-                end_of_epoch(config, progress, bool(data.validation), validate, save, metrics)
-
-            # -------------------------------------------------------------------------------------- save
-            if status == "success" and config.save_final_checkpoint:
-                save(hf=True)
-    finally:
-        bar.close()
-        metrics.close()
-
-    # ------------------------------------------------------------------------------------------- clean up
-    checkpoints = ckpt.hf_checkpoints(root)
-    last, last_validation = progress["last"], progress.get("last_validation") or {}
-    result_metrics = {
-        "final_loss": last.get("loss"),
-        "final_reward_margin": last.get("reward_margin"),
-        "final_reward_accuracy": last.get("reward_accuracy"),
-        "validation_loss": last_validation.get("loss"),
-        "validation_reward_accuracy": last_validation.get("reward_accuracy"),
-        "steps": progress["global_step"],
-        "samples": progress["samples_seen"],
-        "tokens": progress["tokens_seen"],
-        "tokens_per_second": train_tokens / train_seconds if train_seconds > 0 else None,
-        "elapsed_seconds": elapsed(),
-        "peak_memory_bytes": peak_memory_bytes(device),
-        "device": str(device),
-        "dropped_or_truncated_samples": data.dropped,
-        "metrics_path": str(root / ckpt.METRICS_FILE),
-    }
-    result = TrainingResult(status=status, checkpoint_path=str(checkpoints[-1]) if checkpoints else None,
-                            metrics=result_metrics, output_dir=str(root))
-    metrics.end(result)
-    return result
+    run = Run(config, root=root, ranks=distributed.SINGLE, device=device, steps_per_epoch=steps_per_epoch,
+              total_steps=total, progress=progress, resumed=resume_from is not None, desc="dpo")
+    return execute(run, recipe, has_validation=bool(data.validation))

@@ -9,9 +9,8 @@
   rebuild the config and call ``train_sft``; local rank 0 writes ``result.json`` (the run's result, the same on
   every rank), which becomes the return value here.
 
-The process count comes from ``nproc_per_node`` x ``nnodes``; parameters left at their defaults take the values
-cluster launchers put in the environment (``PET_NPROC_PER_NODE``, ``PET_NNODES``, ``PET_NODE_RANK``,
-``PET_MASTER_ADDR``, ``PET_MASTER_PORT``, ``PET_RDZV_ENDPOINT``, ``PET_RDZV_ID``, as Kubeflow Trainer sets them).
+The process count comes from ``nproc_per_node`` x ``nnodes`` (``training_hub.config.processes.launch_plan``, which
+also reads the values cluster launchers put in the environment).
 
 Failure: torchrun stops every worker as soon as one fails; the raised :class:`WorkerError` carries the first
 failing worker's error (the error file torchrun's ``record`` writes) or, without one, the end of the output.
@@ -34,7 +33,10 @@ import tempfile
 import threading
 from pathlib import Path
 
+from training_hub.config.processes import LaunchPlan, in_torchrun_worker, launch_plan
 from training_hub.result import TrainingResult
+
+__all__ = ["LaunchPlan", "WorkerError", "launch", "launch_plan", "run_training", "torchrun_args"]
 
 logger = logging.getLogger(__name__)
 
@@ -46,62 +48,6 @@ GRACE_SECONDS = 30
 
 class WorkerError(RuntimeError):
     """A worker of a multi-process run failed; the message holds its error and traceback."""
-
-
-@dataclasses.dataclass(frozen=True)
-class LaunchPlan:
-    """The torchrun settings of this node, resolved from the config and the environment."""
-
-    nproc_per_node: int
-    nnodes: int = 1
-    node_rank: int = 0
-    rdzv_id: str | None = None
-    rdzv_endpoint: str | None = None
-    master_addr: str | None = None
-    master_port: int | None = None
-
-    @property
-    def world_size(self) -> int:
-        return self.nproc_per_node * self.nnodes
-
-
-def _int(name: str, value: str) -> int:
-    try:
-        return int(value)
-    except ValueError:
-        raise ValueError(f"{name}={value!r}: expected a whole number (elastic ranges such as '1:4' are not "
-                         "supported)") from None
-
-
-def launch_plan(config, environ=None) -> LaunchPlan:
-    """This node's plan: the config's values, or the cluster launcher's ``PET_*`` values where the config has the
-    default. ``nproc_per_node='auto'`` is the number of CUDA devices, 1 without CUDA."""
-    env = os.environ if environ is None else environ
-
-    def pick(value, default, name):
-        return env[name] if value == default and env.get(name) else value
-
-    nproc = pick(config.nproc_per_node, 1, "PET_NPROC_PER_NODE")
-    if nproc in ("auto", "gpu"):
-        import torch
-
-        nproc = torch.cuda.device_count() or 1
-    port = pick(config.master_port, None, "PET_MASTER_PORT")
-    plan = LaunchPlan(
-        nproc_per_node=_int("nproc_per_node", nproc) if isinstance(nproc, str) else nproc,
-        nnodes=_int("nnodes", pick(config.nnodes, 1, "PET_NNODES")),
-        node_rank=_int("node_rank", pick(config.node_rank, 0, "PET_NODE_RANK")),
-        rdzv_id=pick(config.rdzv_id, None, "PET_RDZV_ID"),
-        rdzv_endpoint=pick(config.rdzv_endpoint, None, "PET_RDZV_ENDPOINT"),
-        master_addr=pick(config.master_addr, None, "PET_MASTER_ADDR"),
-        master_port=None if port is None else _int("master_port", port),
-    )
-    if plan.node_rank >= plan.nnodes:
-        raise ValueError(f"node_rank={plan.node_rank} must be below nnodes={plan.nnodes}")
-    if plan.nnodes > 1 and not (plan.rdzv_endpoint or plan.master_addr):
-        raise ValueError(f"nnodes={plan.nnodes}: every node needs the same rendezvous; give rdzv_endpoint "
-                         "('host:port' of one node) or master_addr/master_port (with node_rank per node)")
-    return plan
 
 
 def torchrun_args(plan: LaunchPlan) -> list[str]:
@@ -121,8 +67,6 @@ def run_training(config, method_class=None) -> TrainingResult:
 
     ``method_class``: a ``TrainingMethod`` subclass with ``from_config(config)`` (e.g. ``OSFTMethod``), or None.
     """
-    from training_hub.engine.distributed import in_torchrun_worker
-
     if in_torchrun_worker() or launch_plan(config).world_size == 1:
         from training_hub.engine.trainer import train_sft
 

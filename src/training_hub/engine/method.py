@@ -1,6 +1,6 @@
 """What an SFT-style algorithm may change in our loop, as one small object the loop calls at fixed points.
 
-Plain SFT uses :class:`TrainingMethod` as is (every hook a no-op). OSFT (``training_hub.osft_core.method``) swaps the
+Plain SFT uses :class:`TrainingMethod` as is (every hook a no-op). OSFT (``training_hub.engine.osft``) swaps the
 target layers for their SVD factors, projects each step and saves dense weights. The loop stays one loop.
 """
 

@@ -10,26 +10,30 @@ from pathlib import Path
 import torch
 
 
-class MetricsWriter:
-    """Appends one JSON line per record and flushes it, so a killed run keeps every line it logged.
+def trim_metrics(path: Path, keep_through_step: int | None) -> None:
+    """Start ``path`` afresh, keeping (on resume) the records up to ``keep_through_step``: those logged after the
+    state we resume from was saved are dropped, and so is a line cut short by a kill, so the file reads as one
+    uninterrupted run. Every writer of a metrics.jsonl (the native loops, the trl backend) starts here."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    kept = []
+    if keep_through_step is not None and path.exists():
+        for line in path.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:  # a line cut by the kill
+                continue
+            if isinstance(record, dict) and record.get("step", 0) <= keep_through_step:
+                kept.append(line)
+    path.write_text("".join(line + "\n" for line in kept))
 
-    On resume, records after ``keep_through_step`` (logged after the state we resume from was saved) are
-    dropped first, so the file reads as one uninterrupted run.
-    """
+
+class MetricsWriter:
+    """Appends one JSON line per record and flushes it, so a killed run keeps every line it logged (see
+    :func:`trim_metrics` for what a resumed run keeps)."""
 
     def __init__(self, path: Path, keep_through_step: int | None = None):
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        kept = []
-        if keep_through_step is not None and self.path.exists():
-            for line in self.path.read_text().splitlines():
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError:  # a line cut by the kill
-                    continue
-                if record.get("step", 0) <= keep_through_step:
-                    kept.append(line)
-        self.path.write_text("".join(line + "\n" for line in kept))
+        trim_metrics(self.path, keep_through_step)
         self._file = open(self.path, "a", encoding="utf-8")
 
     def write(self, record: dict) -> None:

@@ -1,4 +1,4 @@
-"""OSFT as a :class:`~training_hub.engine.method.TrainingMethod` of the native loop."""
+"""OSFT (``training_hub.osft_core``) as a :class:`~training_hub.engine.method.TrainingMethod` of the native loop."""
 
 from __future__ import annotations
 

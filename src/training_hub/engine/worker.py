@@ -1,6 +1,6 @@
 """One torchrun worker of a launched run: ``python -m training_hub.engine.worker RUN_FILE`` (see ``engine.launch``).
 
-Rebuilds the config (validated again) and the training method from the run file, calls ``train_sft`` as one rank,
+Rebuilds the config (validated once, in the caller) and the training method from the run file, calls ``train_sft`` as one rank,
 and on local rank 0 writes the run's result next to the run file. ``record`` (torchrun's) writes an uncaught
 error to the error file torchrun gives each worker, where the launcher reads it.
 """
@@ -37,7 +37,6 @@ def _write_result(path: Path, result) -> None:
 
 @record
 def main(argv: list[str]) -> None:
-    from training_hub.config.declare import validate_params
     from training_hub.engine.trainer import train_sft
 
     run_file = Path(argv[0])
@@ -53,7 +52,7 @@ def main(argv: list[str]) -> None:
         from training_hub.callbacks import deserialize_callbacks
 
         params["callbacks"] = deserialize_callbacks(spec["callbacks"])
-    config = validate_params(config_class, params, what=f"the {config_class.__name__} of a launched run")
+    config = config_class(**params)  # the caller validated these values; JSON keeps their types
     method = _import(spec["method_class"]).from_config(config) if spec["method_class"] else None
     result = train_sft(config, method)
     if int(os.environ.get("LOCAL_RANK", "0")) == 0:

@@ -1,0 +1,59 @@
+"""Plain components every loop of the engine uses: the device and precision, and loading the model.
+
+Kept apart from the loops so that no loop imports another (the SFT, DPO and future loops each import these).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from typing import Any, Callable
+
+import torch
+
+from training_hub.engine.attention import use_packed_attention
+
+logger = logging.getLogger("training_hub.engine")
+
+
+def stored_dtype(model_path: str, trust_remote_code: bool = False) -> torch.dtype:
+    """The dtype the checkpoint at ``model_path`` stores its weights in (float32 when its config does not say).
+
+    Checkpoints are written back in this dtype, whatever precision training used."""
+    from transformers import AutoConfig
+
+    saved = getattr(AutoConfig.from_pretrained(model_path, trust_remote_code=trust_remote_code), "dtype", None)
+    if isinstance(saved, str):
+        saved = getattr(torch, saved, None)
+    return saved if isinstance(saved, torch.dtype) and saved.is_floating_point else torch.float32
+
+
+def device_and_autocast(dtype: str) -> tuple[torch.device, Callable[[], Any]]:
+    """CUDA when present, else CPU; bf16 autocast for dtype='bfloat16' (and 'auto' on CUDA), else plain fp32."""
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    use_bf16 = dtype == "bfloat16" or (dtype == "auto" and device.type == "cuda")
+    if use_bf16:
+        return device, lambda: torch.autocast(device.type, dtype=torch.bfloat16)
+    return device, contextlib.nullcontext
+
+
+def load_model(config: Any, device: torch.device) -> tuple[torch.nn.Module, torch.dtype]:
+    """The model in fp32 (master weights; bf16 runs use autocast), and the dtype its checkpoint was stored in.
+
+    Attention is per-sample SDPA over the packed row when the model supports it (checked numerically, see
+    ``attention.use_packed_attention``), else SDPA with transformers' block-diagonal mask from position ids.
+    """
+    from transformers import AutoModelForCausalLM
+
+    save_dtype = stored_dtype(config.model_path, config.trust_remote_code)
+    model = AutoModelForCausalLM.from_pretrained(config.model_path, dtype=torch.float32, attn_implementation="sdpa",
+                                                 trust_remote_code=config.trust_remote_code).to(device)
+    packed = use_packed_attention(model)
+    logger.info("attention: %s", "per-sample SDPA" if packed else f"{model.config._attn_implementation}, position-id mask")
+    if config.gradient_checkpointing:  # renamed in later transformers 5 releases
+        if hasattr(model, "activation_checkpointing_enable"):
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    return model, save_dtype

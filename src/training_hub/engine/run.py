@@ -1,0 +1,302 @@
+"""The run skeleton every loop of the engine shares: progress, clock, schedule, signals, metrics, result.
+
+A loop (``trainer.py`` for SFT/OSFT/LoRA, ``dpo.py``) is a *recipe*: a plain object that sets itself up and
+answers what only it knows. It inherits nothing; :func:`execute` calls it at fixed points:
+
+    recipe.plan_epoch(epoch) -> list[Step]          the epoch's optimizer steps (batching.plan_epoch)
+    recipe.train_step(step, stop) -> StepOutcome    forward/backward/optimizer step; ``stop()``: a stop was asked
+    recipe.validate() -> dict                       validation statistics (at least "loss")
+    recipe.save_checkpoint(samples) -> Path | None  a Hugging Face checkpoint (the path on the writing rank)
+    recipe.save_state(progress: dict) -> None       the training state that resume=True continues from
+    recipe.result_metrics(progress) -> dict         the loop's own entries of the result's metrics
+
+Everything else is here, once: the :class:`Progress` counters (saved with the state; a resumed run must plan the
+same steps), the clock, the per-step schedule (log, validate every ``eval_steps``, save every ``save_samples``),
+the end of an epoch (validate, ``checkpoint_at_epoch``), ``max_steps``, SIGTERM (finish the step, save the state,
+return ``status="stopped"``), the final checkpoint, metrics.jsonl with callbacks and loggers (``RunReporter``),
+the progress bar, and the ``TrainingResult``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import math
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Protocol
+
+import torch
+
+from training_hub.engine import checkpoint as ckpt
+from training_hub.engine import distributed
+from training_hub.engine.batching import Step
+from training_hub.engine.metrics import DiscardMetrics, MetricsWriter, peak_memory_bytes, progress_bar, step_record
+from training_hub.engine.reporter import RunReporter
+from training_hub.engine.schedule import build_scheduler
+from training_hub.result import TrainingResult
+
+logger = logging.getLogger("training_hub.engine")
+
+
+@dataclass
+class StepOutcome:
+    """What one optimizer step of a loop reports: the step's mean loss and its loop-specific statistics."""
+
+    loss: float
+    lr: float
+    grad_norm: float
+    loss_tokens: int
+    stop: bool = False  # every rank agreed to stop after this step (a signal reached one of them)
+    extra: dict = field(default_factory=dict)  # e.g. DPO's reward statistics, added to the metrics record
+
+
+class Recipe(Protocol):
+    """What :func:`execute` asks of a loop (see the module doc)."""
+
+    def plan_epoch(self, epoch: int) -> list[Step]: ...
+
+    def train_step(self, step: Step, stop: Callable[[], bool]) -> StepOutcome: ...
+
+    def validate(self) -> dict: ...
+
+    def save_checkpoint(self, samples_seen: int) -> Path | None: ...
+
+    def save_state(self, progress: dict) -> None: ...
+
+    def result_metrics(self, progress: "Progress") -> dict: ...
+
+
+@dataclass
+class Progress:
+    """Where the run is. Saved with every training state; ``plan`` holds what a resumed run must share."""
+
+    global_step: int = 0
+    epoch: int = 0
+    step_in_epoch: int = 0
+    samples_seen: int = 0
+    tokens_seen: int = 0
+    elapsed: float = 0.0
+    last_saved_samples: int | None = None
+    last: dict = field(default_factory=dict)  # the last step's statistics (loss, ...)
+    last_validation: dict = field(default_factory=dict)
+    plan: dict = field(default_factory=dict)
+
+    def count(self, step: Step) -> int:
+        """Advance past one optimizer step; return the samples seen before it."""
+        before = self.samples_seen
+        self.global_step += 1
+        self.step_in_epoch += 1
+        self.samples_seen += step.num_samples
+        self.tokens_seen += step.num_tokens
+        return before
+
+    def fractional_epoch(self, steps_in_epoch: int) -> float:
+        return self.epoch + self.step_in_epoch / max(steps_in_epoch, 1)
+
+    def state(self, elapsed: float) -> dict:
+        return {**dataclasses.asdict(self), "elapsed": elapsed}
+
+    def restore(self, saved: dict) -> None:
+        """Continue from a saved state; the saved plan must equal this run's (same data order and batching)."""
+        plan = saved.get("plan", saved)  # states of version 0.1 kept the plan keys at the top level
+        changed = [f"{k}: saved {plan.get(k)!r}, now {v!r}" for k, v in self.plan.items() if plan.get(k) != v]
+        if changed:
+            raise ValueError("resume=True: these settings differ from the run being resumed, so its data order "
+                             "cannot be continued: " + "; ".join(changed) + ". Use the original values or a new "
+                             "ckpt_output_dir.")
+        for f in dataclasses.fields(self):
+            if f.name != "plan" and f.name in saved:
+                setattr(self, f.name, saved[f.name])
+
+
+class Clock:
+    """Seconds since the run started, across resumes (``prior``: the elapsed time saved with the state)."""
+
+    def __init__(self, prior: float = 0.0):
+        self.prior, self.start = prior, time.perf_counter()
+
+    def __call__(self) -> float:
+        return self.prior + time.perf_counter() - self.start
+
+
+@contextlib.contextmanager
+def stop_on_sigterm() -> Iterator[dict]:
+    """Turn SIGTERM into a flag the loop checks after each optimizer step (then it saves state and stops)."""
+    flag = {"stop": False}
+    try:
+        previous = signal.signal(signal.SIGTERM, lambda *_: flag.__setitem__("stop", True))
+    except ValueError:  # not the main thread: no handler, SIGTERM keeps its default meaning
+        yield flag
+        return
+    try:
+        yield flag
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+# ------------------------------------------------------------------------------------------------ components
+
+def seed_everything(seed: int) -> None:
+    import random
+
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def total_steps(config: Any, num_samples: int) -> tuple[int, int]:
+    """(steps per epoch, steps of the run); the schedule's options are checked here, before the model loads."""
+    steps_per_epoch = math.ceil(num_samples / config.effective_batch_size)
+    total = steps_per_epoch * config.num_epochs
+    if config.max_steps:
+        total = min(total, config.max_steps)
+    build_scheduler(torch.optim.SGD([torch.zeros(1)], lr=1.0), name=config.lr_scheduler,
+                    warmup_steps=config.warmup_steps, total_steps=total, scheduler_kwargs=config.lr_scheduler_kwargs)
+    return steps_per_epoch, total
+
+
+def optimizer_and_scheduler(config: Any, trainable: list, total: int):
+    """AdamW over ``trainable`` (fused: one kernel) and the learning-rate schedule."""
+    optimizer = torch.optim.AdamW(trainable, lr=config.learning_rate, betas=(config.beta1, config.beta2),
+                                  eps=config.eps, weight_decay=config.weight_decay, fused=True)
+    scheduler = build_scheduler(optimizer, name=config.lr_scheduler, warmup_steps=config.warmup_steps,
+                                total_steps=total, scheduler_kwargs=config.lr_scheduler_kwargs)
+    return optimizer, scheduler
+
+
+# ------------------------------------------------------------------------------------------------ the run
+
+class Run:
+    """One run's bookkeeping around a recipe; :func:`execute` drives it."""
+
+    def __init__(self, config: Any, *, root: Path, ranks: distributed.Ranks, device: torch.device,
+                 steps_per_epoch: int, total_steps: int, progress: Progress, resumed: bool, desc: str):
+        self.config, self.root, self.ranks, self.device = config, root, ranks, device
+        self.steps_per_epoch, self.total_steps, self.progress, self.desc = steps_per_epoch, total_steps, progress, desc
+        self.clock = Clock(progress.elapsed)
+        writer = (MetricsWriter(root / ckpt.METRICS_FILE, keep_through_step=progress.global_step if resumed else None)
+                  if ranks.is_main else DiscardMetrics())
+        self.reporter = RunReporter(writer, config, backend="native", enabled=ranks.is_main)
+        self.train_seconds, self.train_tokens, self.status = 0.0, 0, "success"
+
+    def save(self, recipe: Recipe, hf: bool) -> None:
+        """An HF checkpoint (once per sample count) and the training state that goes with it."""
+        progress = self.progress
+        if hf and progress.last_saved_samples != progress.samples_seen:
+            path = recipe.save_checkpoint(progress.samples_seen)  # every rank takes part (FSDP2 gathers)
+            if path is not None:
+                ckpt.prune_hf_checkpoints(self.root, self.config.keep_last_n_checkpoints)
+                self.reporter.saved(path)
+            progress.last_saved_samples = progress.samples_seen
+        recipe.save_state(progress.state(self.clock()))
+
+    def validate(self, recipe: Recipe) -> None:
+        stats = recipe.validate()
+        progress = self.progress
+        self.reporter.write({"type": "validation", "step": progress.global_step,
+                             "epoch": round(progress.fractional_epoch(self.steps_per_epoch), 6), **stats,
+                             "elapsed": round(self.clock(), 4)})
+        progress.last_validation = stats
+        logger.info("validation loss %.4f at step %d", stats["loss"], progress.global_step)
+
+    def record_step(self, recipe: Recipe, step: Step, out: StepOutcome, seconds: float, steps_in_epoch: int,
+                    bar) -> None:
+        """Count the step, write its record, show it, then validate/save as scheduled."""
+        config, progress = self.config, self.progress
+        self.train_seconds += seconds
+        self.train_tokens += step.num_tokens
+        before = progress.count(step)
+        progress.last = {"loss": out.loss, **out.extra}
+        record = step_record(step=progress.global_step, epoch=progress.fractional_epoch(steps_in_epoch),
+                             loss=out.loss, lr=out.lr, grad_norm=out.grad_norm, samples=step.num_samples,
+                             tokens=step.num_tokens, loss_tokens=out.loss_tokens, seconds=seconds,
+                             elapsed=self.clock())
+        self.reporter.write({**record, **out.extra})
+        bar.update(1)
+        bar.set_postfix(loss=f"{out.loss:.4f}", tok_s=f"{record['tokens_per_second']:.0f}")
+        if progress.global_step % config.logging_steps == 0:
+            logger.info("step %d/%d loss %.4f lr %.3g grad_norm %.3f %.0f tok/s%s", progress.global_step,
+                        self.total_steps, out.loss, out.lr, out.grad_norm, record["tokens_per_second"],
+                        "".join(f" {k} {v:.4g}" for k, v in out.extra.items() if isinstance(v, float)))
+        if config.eval_steps and progress.global_step % config.eval_steps == 0:
+            self.validate(recipe)
+        every = config.save_samples
+        if every and progress.samples_seen // every > before // every:
+            self.save(recipe, hf=True)
+
+    def end_epoch(self, recipe: Recipe, has_validation: bool) -> None:
+        """Advance to the next epoch; validate and (with ``checkpoint_at_epoch``) save the one just finished."""
+        self.progress.epoch += 1
+        self.progress.step_in_epoch = 0
+        if has_validation:
+            self.validate(recipe)
+        if self.config.checkpoint_at_epoch:
+            self.save(recipe, hf=True)
+        self.reporter.epoch_end()
+
+    def result(self, recipe: Recipe) -> TrainingResult:
+        """The run's result (the same on every rank), after the process group's teardown."""
+        ranks, progress = self.ranks, self.progress
+        checkpoints = distributed.broadcast(ranks, ckpt.hf_checkpoints(self.root) if ranks.is_main else None)
+        metrics = {
+            **recipe.result_metrics(progress),
+            "steps": progress.global_step, "samples": progress.samples_seen, "tokens": progress.tokens_seen,
+            "tokens_per_second": self.train_tokens / self.train_seconds if self.train_seconds > 0 else None,
+            "elapsed_seconds": self.clock(), "peak_memory_bytes": peak_memory_bytes(self.device),
+            "device": str(self.device), "metrics_path": str(self.root / ckpt.METRICS_FILE),
+        }
+        if ranks.distributed:
+            metrics.update(num_processes=ranks.world_size, strategy=ranks.strategy)
+            metrics = distributed.broadcast(ranks, metrics)  # rank 0's clock and memory
+        distributed.teardown(ranks)
+        result = TrainingResult(status=self.status, checkpoint_path=str(checkpoints[-1]) if checkpoints else None,
+                                metrics=metrics, output_dir=str(self.root))
+        self.reporter.end(result)
+        return result
+
+
+def train_epoch(run: Run, recipe: Recipe, steps: list[Step], bar, sigterm: dict) -> bool:
+    """Run the epoch's remaining steps (up to ``max_steps``); True when a stop was asked."""
+    progress = run.progress
+    while progress.step_in_epoch < len(steps) and progress.global_step < run.total_steps:
+        run.reporter.step_begin()
+        step = steps[progress.step_in_epoch]
+        t0 = time.perf_counter()
+        out = recipe.train_step(step, lambda: sigterm["stop"])  # asked late in the step, as ranks agree
+        run.record_step(recipe, step, out, time.perf_counter() - t0, len(steps), bar)
+        # Several ranks stop on the step they agreed on; one process also on a signal that came while it logged.
+        if out.stop or (not run.ranks.distributed and sigterm["stop"]):
+            return True
+    return False
+
+
+def execute(run: Run, recipe: Recipe, has_validation: bool) -> TrainingResult:
+    """Train until ``num_epochs`` or ``max_steps`` (or a stop), save the final checkpoint, return the result."""
+    config, progress = run.config, run.progress
+    run.reporter.begin(run.total_steps, progress.global_step, progress.samples_seen)
+    bar = progress_bar(run.total_steps, progress.global_step, config.disable_progress_bar or not run.ranks.is_main,
+                       desc=run.desc)
+    try:
+        with stop_on_sigterm() as sigterm:
+            while progress.epoch < config.num_epochs and progress.global_step < run.total_steps:
+                steps = recipe.plan_epoch(progress.epoch)
+                if progress.step_in_epoch == 0:
+                    run.reporter.epoch_begin()
+                if train_epoch(run, recipe, steps, bar, sigterm):
+                    run.save(recipe, hf=False)
+                    run.status = "stopped"
+                    logger.warning("SIGTERM: saved the training state at step %d; resume with resume=True",
+                                   progress.global_step)
+                    break
+                if progress.step_in_epoch < len(steps):  # stopped by max_steps inside the epoch
+                    break
+                run.end_epoch(recipe, has_validation)
+            if run.status == "success" and config.save_final_checkpoint:
+                run.save(recipe, hf=True)  # still under the SIGTERM handler: a stop request waits for the write
+    finally:
+        bar.close()
+        run.reporter.close()
+    return run.result(recipe)
