@@ -1,7 +1,8 @@
-"""Generated documentation: the README's algorithm x backend table and docs/parameters.md.
+"""Generated files: the README's algorithm x backend table, docs/parameters.md and the type stub
+``src/training_hub/__init__.pyi`` (explicit signatures of ``sft()``, ``osft()``, ... for mypy and pyright).
 
 Run ``python -m training_hub.docs_gen`` after changing a declaration or registering a built-in;
-``tests/test_docs.py`` fails while either file is out of date.
+``tests/test_docs.py`` fails while any of them is out of date.
 """
 
 from __future__ import annotations
@@ -21,10 +22,7 @@ def backends_table() -> str:
     rows = ["| algorithm | backends (preference order: the first that can run here is the default) | function |",
             "|---|---|---|"]
     for algo in AlgorithmRegistry.list_algorithms():
-        algorithm_class = AlgorithmRegistry.get_algorithm(algo)
-        names = AlgorithmRegistry.list_backends(algo)
-        preferred = [n for n in getattr(algorithm_class, "backend_preference", ()) if n in names]
-        ordered = preferred + sorted(n for n in names if n not in preferred)
+        ordered = AlgorithmRegistry.backend_order(algo)  # the order the default is chosen in
         rows.append(f"| `{algo}` | {', '.join(f'`{n}`' for n in ordered)} | `training_hub.{algo}()` |")
     return "\n".join(rows)
 
@@ -50,6 +48,13 @@ def parameters_markdown() -> str:
     return "\n".join(out)
 
 
+def stub() -> str:
+    """``__init__.pyi``: the package's public names, with the convenience functions' signatures written out."""
+    from training_hub.stubgen import package_stub
+
+    return package_stub()
+
+
 def readme_with_table(readme: str) -> str:
     pattern = re.compile(re.escape(TABLE_BEGIN) + ".*?" + re.escape(TABLE_END), re.S)
     return pattern.sub(f"{TABLE_BEGIN}\n{backends_table()}\n{TABLE_END}", readme)
@@ -61,7 +66,9 @@ def main(root: str = ".") -> int:
     readme.write_text(readme_with_table(readme.read_text(encoding="utf-8")), encoding="utf-8")
     (root_path / "docs").mkdir(exist_ok=True)
     (root_path / "docs" / "parameters.md").write_text(parameters_markdown(), encoding="utf-8")
-    print(f"updated {readme} and {root_path / 'docs' / 'parameters.md'}")
+    stub_path = root_path / "src" / "training_hub" / "__init__.pyi"
+    stub_path.write_text(stub(), encoding="utf-8")
+    print(f"updated {readme}, {root_path / 'docs' / 'parameters.md'} and {stub_path}")
     return 0
 
 
