@@ -5,10 +5,13 @@ Boolean flags take an optional value: ``--resume``, ``--resume true``, ``--resum
 Exit codes (every sub-command):
 
 * 0 -- success.
-* 1 -- a runtime failure of the environment: permission denied, no space left on device.
+* 1 -- a runtime failure: permission denied, no space left on device, training diverged (NaN/inf loss or gradient
+  norm; the message names the step, learning rate and last good checkpoint).
 * 2 -- a usage, parameter or data error: a bad flag or value, a stray positional value, an invalid or missing
   config file, a missing or wrong path (``ValueError``, ``FileNotFoundError``, ``NotADirectoryError``,
   ``IsADirectoryError``).
+* 130 / 143 -- training stopped by Ctrl-C (SIGINT) / SIGTERM after saving its training state (``resume true``
+  continues it); the result is printed first. 128 + the signal's number, as shells report it.
 
 These expected errors print one ``error: ...`` message and no traceback; ``--debug`` anywhere on the command
 line shows the full traceback instead. Any other exception is a bug and keeps its traceback.
@@ -287,7 +290,18 @@ def cmd_train(argv: Sequence[str]) -> int:
 
     result = run_algorithm(name, backend, params)  # no backend named: the first that takes this call
     _print_result(result)
-    return 0
+    return stopped_exit_code(result)
+
+
+def stopped_exit_code(result: Any) -> int:
+    """0, or 128 + the signal that stopped the run (it saved its state: 130 for Ctrl-C, 143 for SIGTERM)."""
+    get = result.get if isinstance(result, dict) or hasattr(result, "get") else (lambda *_: None)
+    if get("status") != "stopped":
+        return 0
+    import signal
+
+    name = (get("metrics") or {}).get("stopped_by") or "SIGTERM"
+    return 128 + int(getattr(signal, name, signal.SIGTERM))
 
 
 def _normalise_flags(argv: Sequence[str]) -> list[str]:
@@ -421,6 +435,10 @@ def _expected_error_code(exc: BaseException) -> int | None:
     if isinstance(exc, (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError)):
         return 2
     if isinstance(exc, PermissionError) or (isinstance(exc, OSError) and exc.errno == errno.ENOSPC):
+        return 1
+    from training_hub.engine.run import TrainingDivergedError
+
+    if isinstance(exc, TrainingDivergedError):
         return 1
     return None
 

@@ -23,6 +23,7 @@ model loading, device and autocast, token-budget step planning, packing, checkpo
 from __future__ import annotations
 
 import logging
+import math
 import sys
 import time
 from dataclasses import dataclass
@@ -214,11 +215,14 @@ class DPORecipe:
         stats = step_loss_and_backward(self.model, micros, self.reference, self.config.beta, self.autocast)
         grad_norm = float(torch.nn.utils.clip_grad_norm_(self.trainable, self.config.max_grad_norm or float("inf")))
         lr = self.scheduler.get_last_lr()[0]
+        loss = stats.pop("loss")
+        loss_tokens = sum(int(row["loss_mask"].sum()) for _, row in micros)
+        if not (math.isfinite(loss) and math.isfinite(grad_norm)):  # the run stops here (engine.run): apply nothing
+            self.optimizer.zero_grad(set_to_none=True)
+            return StepOutcome(loss=loss, lr=lr, grad_norm=grad_norm, loss_tokens=loss_tokens, extra=stats)
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        loss = stats.pop("loss")
-        loss_tokens = sum(int(row["loss_mask"].sum()) for _, row in micros)
         return StepOutcome(loss=loss, lr=lr, grad_norm=grad_norm, loss_tokens=loss_tokens, stop=stop(), extra=stats)
 
     def validate(self) -> dict:
@@ -254,24 +258,26 @@ def train_dpo(config: Any) -> TrainingResult:
     data = prepare_pairs(config, tokenizer)  # validates all data before anything is written
     print(f"dpo: {len(data.train)} training pairs, {len(data.validation or [])} validation pairs, "
           f"{data.dropped} dropped or truncated (max_length {config.effective_max_length})", file=sys.stderr)
-    root.mkdir(parents=True, exist_ok=True)
-    steps_per_epoch, total = total_steps(config, len(data.train))
-    progress = Progress(plan={"seed": config.seed, "effective_batch_size": config.effective_batch_size,
-                              "max_tokens_per_gpu": data.max_tokens, "num_train_samples": len(data.train),
-                              "model_path": str(config.model_path), "beta": config.beta,
-                              "max_length": config.effective_max_length,
-                              "max_prompt_length": config.max_prompt_length})
+    from training_hub.fsutil import claim_directory
+    with claim_directory(root):  # creates root; one live run per output directory
+        steps_per_epoch, total = total_steps(config, len(data.train))
+        progress = Progress(plan={"seed": config.seed, "effective_batch_size": config.effective_batch_size,
+                                  "max_tokens_per_gpu": data.max_tokens, "num_train_samples": len(data.train),
+                                  "model_path": str(config.model_path), "beta": config.beta,
+                                  "max_length": config.effective_max_length,
+                                  "max_prompt_length": config.max_prompt_length})
 
-    model, save_dtype = load_model(config, device)
-    optimizer, scheduler = optimizer_and_scheduler(config, [p for p in model.parameters() if p.requires_grad], total)
-    recipe = DPORecipe(config, device=device, autocast=autocast, data=data, tokenizer=tokenizer, model=model,
-                       save_dtype=save_dtype, optimizer=optimizer, scheduler=scheduler, root=root)
-    if resume_from is not None:
-        saved = ckpt.load_training_state(resume_from, model=model, optimizer=optimizer, scheduler=scheduler,
-                                         device=device)
-        progress.restore(saved)
-        logger.info("resuming from %s (step %d, %d pairs seen)", resume_from, saved["global_step"],
-                    saved["samples_seen"])
-    run = Run(config, root=root, ranks=distributed.SINGLE, device=device, steps_per_epoch=steps_per_epoch,
-              total_steps=total, progress=progress, resumed=resume_from is not None, desc="dpo")
-    return execute(run, recipe, has_validation=bool(data.validation))
+        model, save_dtype = load_model(config, device)
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        optimizer, scheduler = optimizer_and_scheduler(config, trainable, total)
+        recipe = DPORecipe(config, device=device, autocast=autocast, data=data, tokenizer=tokenizer, model=model,
+                           save_dtype=save_dtype, optimizer=optimizer, scheduler=scheduler, root=root)
+        if resume_from is not None:
+            saved = ckpt.load_training_state(resume_from, model=model, optimizer=optimizer, scheduler=scheduler,
+                                             device=device)
+            progress.restore(saved)
+            logger.info("resuming from %s (step %d, %d pairs seen)", resume_from, saved["global_step"],
+                        saved["samples_seen"])
+        run = Run(config, root=root, ranks=distributed.SINGLE, device=device, steps_per_epoch=steps_per_epoch,
+                  total_steps=total, progress=progress, resumed=resume_from is not None, desc="dpo")
+        return execute(run, recipe, has_validation=bool(data.validation))

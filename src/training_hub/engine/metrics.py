@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import resource
 import sys
 from pathlib import Path
@@ -27,6 +28,11 @@ def trim_metrics(path: Path, keep_through_step: int | None) -> None:
     path.write_text("".join(line + "\n" for line in kept))
 
 
+def strict_json(record: dict) -> dict:
+    """``record`` with NaN and infinities as ``None``: metrics.jsonl stays strict JSON (``null``, not ``NaN``)."""
+    return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
+
+
 class MetricsWriter:
     """Appends one JSON line per record and flushes it, so a killed run keeps every line it logged (see
     :func:`trim_metrics` for what a resumed run keeps)."""
@@ -37,7 +43,7 @@ class MetricsWriter:
         self._file = open(self.path, "a", encoding="utf-8")
 
     def write(self, record: dict) -> None:
-        self._file.write(json.dumps(record) + "\n")
+        self._file.write(json.dumps(strict_json(record), allow_nan=False) + "\n")
         self._file.flush()
 
     def close(self) -> None:

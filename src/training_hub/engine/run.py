@@ -12,9 +12,11 @@ answers what only it knows. It inherits nothing; :func:`execute` calls it at fix
 
 Everything else is here, once: the :class:`Progress` counters (saved with the state; a resumed run must plan the
 same steps), the clock, the per-step schedule (log, validate every ``eval_steps``, save every ``save_samples``),
-the end of an epoch (validate, ``checkpoint_at_epoch``), ``max_steps``, SIGTERM (finish the step, save the state,
-return ``status="stopped"``), the final checkpoint, metrics.jsonl with callbacks and loggers (``RunReporter``),
-the progress bar, and the ``TrainingResult``.
+the end of an epoch (validate, ``checkpoint_at_epoch``), ``max_steps``, SIGTERM and Ctrl-C (finish the step, save
+the state, return ``status="stopped"``; a second Ctrl-C aborts at once), divergence (a non-finite loss or gradient
+norm stops the run with :class:`TrainingDivergedError` before anything of that step is applied or saved), the final
+checkpoint, metrics.jsonl with callbacks and loggers (``RunReporter``), the progress bar, and the
+``TrainingResult``.
 """
 
 from __future__ import annotations
@@ -123,19 +125,34 @@ class Clock:
         return self.prior + time.perf_counter() - self.start
 
 
+class TrainingDivergedError(RuntimeError):
+    """The loss or the gradient norm became NaN or infinite; the message names the step, the learning rate and the
+    last good checkpoint. Nothing of the failing step was applied or saved."""
+
+
 @contextlib.contextmanager
-def stop_on_sigterm() -> Iterator[dict]:
-    """Turn SIGTERM into a flag the loop checks after each optimizer step (then it saves state and stops)."""
-    flag = {"stop": False}
+def stop_on_signals() -> Iterator[dict]:
+    """Turn SIGTERM and the first Ctrl-C (SIGINT) into a flag the loop checks after each optimizer step (then it
+    saves the training state and stops); a second Ctrl-C raises KeyboardInterrupt at once. ``flag["signal"]`` names
+    the signal that asked."""
+    flag: dict = {"stop": False, "signal": None}
+
+    def ask(signum, frame):
+        flag.update(stop=True, signal=signal.Signals(signum).name)
+        if signum == signal.SIGINT:
+            logger.warning("Ctrl-C: stopping after this step and saving the training state (Ctrl-C again aborts now)")
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+
     try:
-        previous = signal.signal(signal.SIGTERM, lambda *_: flag.__setitem__("stop", True))
-    except ValueError:  # not the main thread: no handler, SIGTERM keeps its default meaning
+        previous = {sig: signal.signal(sig, ask) for sig in (signal.SIGTERM, signal.SIGINT)}
+    except ValueError:  # not the main thread: no handlers, the signals keep their default meaning
         yield flag
         return
     try:
         yield flag
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 # ------------------------------------------------------------------------------------------------ components
@@ -181,6 +198,8 @@ class Run:
                   if ranks.is_main else DiscardMetrics())
         self.reporter = RunReporter(writer, config, backend="native", enabled=ranks.is_main)
         self.train_seconds, self.train_tokens, self.status = 0.0, 0, "success"
+        self.stopped_by: str | None = None
+        self.zero_grad_steps = 0
 
     def save(self, recipe: Recipe, hf: bool) -> None:
         """An HF checkpoint (once per sample count) and the training state that goes with it."""
@@ -206,6 +225,7 @@ class Run:
                     bar) -> None:
         """Count the step, write its record, show it, then validate/save as scheduled."""
         config, progress = self.config, self.progress
+        self.check_finite(step, out)
         self.train_seconds += seconds
         self.train_tokens += step.num_tokens
         before = progress.count(step)
@@ -227,6 +247,26 @@ class Run:
         if every and progress.samples_seen // every > before // every:
             self.save(recipe, hf=True)
 
+    def check_finite(self, step: Step, out: StepOutcome) -> None:
+        """Stop on a non-finite loss or gradient norm (the recipe has not applied the step); warn on a collapse."""
+        if math.isfinite(out.loss) and math.isfinite(out.grad_norm):
+            self.zero_grad_steps = self.zero_grad_steps + 1 if out.grad_norm == 0.0 else 0
+            if self.zero_grad_steps == 3:
+                logger.warning("the gradient norm has been exactly 0 for 3 steps (loss %.4f at step %d): nothing is "
+                               "learning; check the loss mask of your data and the learning rate", out.loss,
+                               self.progress.global_step + 1)
+            return
+        number = self.progress.global_step + 1
+        self.reporter.write({"type": "train", "step": number, "loss": out.loss, "lr": out.lr,
+                             "grad_norm": out.grad_norm, "samples": step.num_samples, "tokens": step.num_tokens,
+                             "diverged": True, "elapsed": round(self.clock(), 4)})
+        found = ckpt.hf_checkpoints(self.root) if self.ranks.is_main else []
+        raise TrainingDivergedError(
+            f"training diverged at step {number}: loss {out.loss}, gradient norm {out.grad_norm}, learning rate "
+            f"{out.lr:.3g}. The step was not applied and nothing was saved from it; the last good checkpoint is "
+            f"{found[-1] if found else 'none (no checkpoint was saved before)'}. Lower learning_rate, set or lower "
+            "max_grad_norm, add warmup_steps, or check the data; resume=True continues from the last saved state.")
+
     def end_epoch(self, recipe: Recipe, has_validation: bool) -> None:
         """Advance to the next epoch; validate and (with ``checkpoint_at_epoch``) save the one just finished."""
         self.progress.epoch += 1
@@ -242,7 +282,7 @@ class Run:
         ranks, progress = self.ranks, self.progress
         checkpoints = distributed.broadcast(ranks, ckpt.hf_checkpoints(self.root) if ranks.is_main else None)
         metrics = {
-            **recipe.result_metrics(progress),
+            **recipe.result_metrics(progress), **({"stopped_by": self.stopped_by} if self.stopped_by else {}),
             "steps": progress.global_step, "samples": progress.samples_seen, "tokens": progress.tokens_seen,
             "tokens_per_second": self.train_tokens / self.train_seconds if self.train_seconds > 0 else None,
             "elapsed_seconds": self.clock(), "peak_memory_bytes": peak_memory_bytes(self.device),
@@ -280,22 +320,22 @@ def execute(run: Run, recipe: Recipe, has_validation: bool) -> TrainingResult:
     bar = progress_bar(run.total_steps, progress.global_step, config.disable_progress_bar or not run.ranks.is_main,
                        desc=run.desc)
     try:
-        with stop_on_sigterm() as sigterm:
+        with stop_on_signals() as sigterm:
             while progress.epoch < config.num_epochs and progress.global_step < run.total_steps:
                 steps = recipe.plan_epoch(progress.epoch)
                 if progress.step_in_epoch == 0:
                     run.reporter.epoch_begin()
                 if train_epoch(run, recipe, steps, bar, sigterm):
                     run.save(recipe, hf=False)
-                    run.status = "stopped"
-                    logger.warning("SIGTERM: saved the training state at step %d; resume with resume=True",
-                                   progress.global_step)
+                    run.status, run.stopped_by = "stopped", sigterm["signal"] or "SIGTERM"
+                    logger.warning("%s: saved the training state at step %d; resume with resume=True",
+                                   run.stopped_by, progress.global_step)
                     break
                 if progress.step_in_epoch < len(steps):  # stopped by max_steps inside the epoch
                     break
                 run.end_epoch(recipe, has_validation)
             if run.status == "success" and config.save_final_checkpoint:
-                run.save(recipe, hf=True)  # still under the SIGTERM handler: a stop request waits for the write
+                run.save(recipe, hf=True)  # still under the handlers: a stop request waits for the write
     finally:
         bar.close()
         run.reporter.close()

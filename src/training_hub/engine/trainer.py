@@ -13,6 +13,7 @@ result, rank 0 alone writes.
 from __future__ import annotations
 
 import logging
+import math
 from pathlib import Path
 from typing import Any, Callable
 
@@ -107,6 +108,9 @@ class SFTRecipe:
         clip = self.config.max_grad_norm or float("inf")
         grad_norm = distributed.grad_norm_value(torch.nn.utils.clip_grad_norm_(self.trainable, clip))
         lr = self.scheduler.get_last_lr()[0]
+        if not (math.isfinite(loss) and math.isfinite(grad_norm)):  # the run stops here (engine.run): apply nothing
+            self.optimizer.zero_grad(set_to_none=True)
+            return StepOutcome(loss=loss, lr=lr, grad_norm=grad_norm, loss_tokens=loss_tokens)
         self.optimizer.step()
         self.method.after_step(self.raw)
         self.scheduler.step()
@@ -164,25 +168,26 @@ def train_sft(config: Any, method: TrainingMethod | None = None) -> TrainingResu
     tokenizer = AutoTokenizer.from_pretrained(config.model_path, trust_remote_code=config.trust_remote_code)
     with distributed.main_first(ranks):  # the others then find rank 0's cache
         data = prepare_training_data(config, tokenizer, root, verbose=ranks.is_main)  # before any write
-    root.mkdir(parents=True, exist_ok=True)
-    steps_per_epoch, total = total_steps(config, len(data.train))
-    progress = Progress(plan={"seed": config.seed, "effective_batch_size": config.effective_batch_size,
-                              "max_tokens_per_gpu": data.max_tokens, "num_train_samples": len(data.train),
-                              "model_path": str(config.model_path), **method.plan_keys()})
+    from training_hub.fsutil import claim_directory
+    with claim_directory(root, claim=ranks.is_main):  # creates root; one live run per output directory
+        steps_per_epoch, total = total_steps(config, len(data.train))
+        progress = Progress(plan={"seed": config.seed, "effective_batch_size": config.effective_batch_size,
+                                  "max_tokens_per_gpu": data.max_tokens, "num_train_samples": len(data.train),
+                                  "model_path": str(config.model_path), **method.plan_keys()})
 
-    raw, save_dtype = load_model(config, device)
-    method.prepare_model(raw)
-    model = distributed.wrap_model(raw, ranks, device)  # what the loop calls: raw, DDP(raw) or raw made FSDP2
-    trainable = [p for p in raw.parameters() if p.requires_grad]
-    optimizer, scheduler = optimizer_and_scheduler(config, trainable, total)
-    recipe = SFTRecipe(config, method=method, ranks=ranks, device=device, autocast=autocast, data=data,
-                       tokenizer=tokenizer, raw=raw, model=model, save_dtype=save_dtype, trainable=trainable,
-                       optimizer=optimizer, scheduler=scheduler, root=root)
-    if resume_from is not None:
-        saved = recipe.load_state(resume_from)
-        progress.restore(saved)
-        logger.info("resuming from %s (step %d, %d samples seen)", resume_from, saved["global_step"],
-                    saved["samples_seen"])
-    run = Run(config, root=root, ranks=ranks, device=device, steps_per_epoch=steps_per_epoch, total_steps=total,
-              progress=progress, resumed=resume_from is not None, desc="sft")
-    return execute(run, recipe, has_validation=data.validation is not None)
+        raw, save_dtype = load_model(config, device)
+        method.prepare_model(raw)
+        model = distributed.wrap_model(raw, ranks, device)  # what the loop calls: raw, DDP(raw) or raw made FSDP2
+        trainable = [p for p in raw.parameters() if p.requires_grad]
+        optimizer, scheduler = optimizer_and_scheduler(config, trainable, total)
+        recipe = SFTRecipe(config, method=method, ranks=ranks, device=device, autocast=autocast, data=data,
+                           tokenizer=tokenizer, raw=raw, model=model, save_dtype=save_dtype, trainable=trainable,
+                           optimizer=optimizer, scheduler=scheduler, root=root)
+        if resume_from is not None:
+            saved = recipe.load_state(resume_from)
+            progress.restore(saved)
+            logger.info("resuming from %s (step %d, %d samples seen)", resume_from, saved["global_step"],
+                        saved["samples_seen"])
+        run = Run(config, root=root, ranks=ranks, device=device, steps_per_epoch=steps_per_epoch, total_steps=total,
+                  progress=progress, resumed=resume_from is not None, desc="sft")
+        return execute(run, recipe, has_validation=data.validation is not None)
