@@ -324,54 +324,55 @@ def run_adapter(config, *, backend: str, launch: Callable[[EngineData], None]) -
     root = Path(config.ckpt_output_dir)
     check_output_dir(root, resume=False)
     data = prepare_engine_data(config, root)  # a data error leaves root untouched (the cache is written after)
-    root.mkdir(parents=True, exist_ok=True)
-    events = root / EVENTS_FILE
-    events.unlink(missing_ok=True)
-    reporter = RunReporter(MetricsWriter(root / "metrics.jsonl"), config, backend=backend)  # loggers fail here
-    follower = EventFollower(events, reporter)
-    spare = set(descendants(os.getpid()))  # the caller's own child processes are left alone on a stop
-    done = threading.Event()
-    follow_failure: list[BaseException] = []
+    from training_hub.fsutil import claim_directory
+    with claim_directory(root):  # creates root; one live run per output directory (the parent holds it)
+        events = root / EVENTS_FILE
+        events.unlink(missing_ok=True)
+        reporter = RunReporter(MetricsWriter(root / "metrics.jsonl"), config, backend=backend)  # loggers fail here
+        follower = EventFollower(events, reporter)
+        spare = set(descendants(os.getpid()))  # the caller's own child processes are left alone on a stop
+        done = threading.Event()
+        follow_failure: list[BaseException] = []
 
-    def follow() -> None:
-        try:
-            while not done.wait(POLL_SECONDS):
-                follower.poll()
-            follower.poll()  # the events written before the engine returned
-        except BaseException as exc:  # the reporter failed (hooks' own errors are logged): stop the run
-            follow_failure.append(exc)
-            stop_children(spare)
+        def follow() -> None:
+            try:
+                while not done.wait(POLL_SECONDS):
+                    follower.poll()
+                follower.poll()  # the events written before the engine returned
+            except BaseException as exc:  # the reporter failed (hooks' own errors are logged): stop the run
+                follow_failure.append(exc)
+                stop_children(spare)
 
-    previous = os.environ.get(EVENTS_ENV)
-    os.environ[EVENTS_ENV] = str(events.resolve())  # the torchrun workers inherit it
-    watcher = threading.Thread(target=follow, name=f"training_hub-{backend}-events", daemon=True)
-    try:
-        reporter.begin(total_steps=None)  # on_train_begin; the engine decides the number of steps
-        watcher.start()
+        previous = os.environ.get(EVENTS_ENV)
+        os.environ[EVENTS_ENV] = str(events.resolve())  # the torchrun workers inherit it
+        watcher = threading.Thread(target=follow, name=f"training_hub-{backend}-events", daemon=True)
         try:
-            launch(data)
-        except BaseException as exc:
-            if not follow_failure:
-                raise
-            raise follow_failure[0] from exc  # the engine failed because the follower stopped it
+            reporter.begin(total_steps=None)  # on_train_begin; the engine decides the number of steps
+            watcher.start()
+            try:
+                launch(data)
+            except BaseException as exc:
+                if not follow_failure:
+                    raise
+                raise follow_failure[0] from exc  # the engine failed because the follower stopped it
+            finally:
+                done.set()
+                watcher.join()
         finally:
-            done.set()
-            watcher.join()
-    finally:
-        if previous is None:
-            os.environ.pop(EVENTS_ENV, None)
-        else:
-            os.environ[EVENTS_ENV] = previous
-        reporter.close()
-    if follow_failure:
-        raise follow_failure[0]
-    result = TrainingResult(
-        status="success", checkpoint_path=newest_checkpoint(root), output_dir=str(root),
-        metrics={"final_loss": follower.last_loss, "steps": follower.steps, "samples": follower.samples,
-                 "tokens": follower.tokens, "seconds": round(time.perf_counter() - follower.started, 3)},
-        extra={"backend": backend, "data_path": data.train_path})
-    reporter.end(result)
-    return result
+            if previous is None:
+                os.environ.pop(EVENTS_ENV, None)
+            else:
+                os.environ[EVENTS_ENV] = previous
+            reporter.close()
+        if follow_failure:
+            raise follow_failure[0]
+        result = TrainingResult(
+            status="success", checkpoint_path=newest_checkpoint(root), output_dir=str(root),
+            metrics={"final_loss": follower.last_loss, "steps": follower.steps, "samples": follower.samples,
+                     "tokens": follower.tokens, "seconds": round(time.perf_counter() - follower.started, 3)},
+            extra={"backend": backend, "data_path": data.train_path})
+        reporter.end(result)
+        return result
 
 
 # ------------------------------------------------------------------------------------------------ the backend

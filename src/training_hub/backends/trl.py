@@ -408,34 +408,35 @@ class TRLSFTBackend(_TRLBackend):
             validation = [{"messages": r["messages"]} for r in read_records(config.validation_data_path).items]
         root = Path(config.ckpt_output_dir)
         resume_from = _check_output_dir(root, config.resume)
-        root.mkdir(parents=True, exist_ok=True)
+        from training_hub.fsutil import claim_directory
+        with claim_directory(root):  # creates root; one live run per output directory
 
-        from datasets import Dataset
-        from trl import SFTConfig as TRLSFTConfig
-        from trl import SFTTrainer
+            from datasets import Dataset
+            from trl import SFTConfig as TRLSFTConfig
+            from trl import SFTTrainer
 
-        tokenizer = _load_tokenizer(config)
-        quantization = _bnb_config() if getattr(config, "load_in_4bit", False) else None
-        model = _load_model(config, quantization)
-        args = training_arguments(
-            config, TRLSFTConfig, root=root, row_tokens=config.max_seq_len,
-            assistant_only_loss=True, max_length=None, packing=False, dataset_num_proc=None,
-            **_eval_arguments(config, validation is not None))
-        callback = _metrics_callback(root / METRICS_FILE, _resume_step(resume_from))
-        bridge = hub_bridge(config, callback.record)  # TrainingHubCallback hooks
-        trainer = SFTTrainer(
-            model=model, args=args, processing_class=tokenizer,
-            train_dataset=Dataset.from_list(train),
-            eval_dataset=Dataset.from_list(validation) if validation else None,
-            peft_config=self.peft_config(config, model), callbacks=[callback, bridge])
-        dropped = _sft_length_policy(trainer, config)
-        path, metrics, _ = _train_and_save(trainer, config, root, resume_from, callback,
-                                           cast_back=not self.saves_adapter)
-        bridge.saved(path)
-        metrics["dropped_or_truncated_samples"] = dropped
-        result = self._result(config, trainer, path, metrics, root)
-        bridge.end(result)
-        return result
+            tokenizer = _load_tokenizer(config)
+            quantization = _bnb_config() if getattr(config, "load_in_4bit", False) else None
+            model = _load_model(config, quantization)
+            args = training_arguments(
+                config, TRLSFTConfig, root=root, row_tokens=config.max_seq_len,
+                assistant_only_loss=True, max_length=None, packing=False, dataset_num_proc=None,
+                **_eval_arguments(config, validation is not None))
+            callback = _metrics_callback(root / METRICS_FILE, _resume_step(resume_from))
+            bridge = hub_bridge(config, callback.record)  # TrainingHubCallback hooks
+            trainer = SFTTrainer(
+                model=model, args=args, processing_class=tokenizer,
+                train_dataset=Dataset.from_list(train),
+                eval_dataset=Dataset.from_list(validation) if validation else None,
+                peft_config=self.peft_config(config, model), callbacks=[callback, bridge])
+            dropped = _sft_length_policy(trainer, config)
+            path, metrics, _ = _train_and_save(trainer, config, root, resume_from, callback,
+                                               cast_back=not self.saves_adapter)
+            bridge.saved(path)
+            metrics["dropped_or_truncated_samples"] = dropped
+            result = self._result(config, trainer, path, metrics, root)
+            bridge.end(result)
+            return result
 
     def _result(self, config, trainer, path, metrics, root):
         from training_hub.result import TrainingResult
@@ -522,38 +523,39 @@ class TRLDPOBackend(_TRLBackend):
             validation = load_preference_data(config.validation_data_path)
         root = Path(config.ckpt_output_dir)
         resume_from = _check_output_dir(root, config.resume)
-        root.mkdir(parents=True, exist_ok=True)
+        from training_hub.fsutil import claim_directory
+        with claim_directory(root):  # creates root; one live run per output directory
 
-        from trl import DPOConfig as TRLDPOConfig
-        from trl import DPOTrainer
+            from trl import DPOConfig as TRLDPOConfig
+            from trl import DPOTrainer
 
-        from training_hub.result import TrainingResult
+            from training_hub.result import TrainingResult
 
-        tokenizer = _load_tokenizer(config)
-        model = _load_model(config)
-        args = training_arguments(
-            config, TRLDPOConfig, root=root, row_tokens=config.effective_max_length, rows_per_sample=2,
-            beta=config.beta, loss_type=[config.loss_type], max_length=None, precompute_ref_log_probs=False,
-            **_eval_arguments(config, validation is not None))
-        callback = _metrics_callback(root / METRICS_FILE, _resume_step(resume_from))
-        bridge = hub_bridge(config, callback.record)  # TrainingHubCallback hooks
-        trainer = DPOTrainer(model=model, args=args, processing_class=tokenizer,
-                             train_dataset=preference_dataset(train),
-                             eval_dataset=preference_dataset(validation) if validation else None,
-                             callbacks=[callback, bridge])
-        from training_hub.data.preference import preference_length_policy
+            tokenizer = _load_tokenizer(config)
+            model = _load_model(config)
+            args = training_arguments(
+                config, TRLDPOConfig, root=root, row_tokens=config.effective_max_length, rows_per_sample=2,
+                beta=config.beta, loss_type=[config.loss_type], max_length=None, precompute_ref_log_probs=False,
+                **_eval_arguments(config, validation is not None))
+            callback = _metrics_callback(root / METRICS_FILE, _resume_step(resume_from))
+            bridge = hub_bridge(config, callback.record)  # TrainingHubCallback hooks
+            trainer = DPOTrainer(model=model, args=args, processing_class=tokenizer,
+                                 train_dataset=preference_dataset(train),
+                                 eval_dataset=preference_dataset(validation) if validation else None,
+                                 callbacks=[callback, bridge])
+            from training_hub.data.preference import preference_length_policy
 
-        trainer.train_dataset, dropped = preference_length_policy(trainer.train_dataset, config, "dpo (trl)")
-        if trainer.eval_dataset is not None:
-            trainer.eval_dataset, _ = preference_length_policy(trainer.eval_dataset, config, "dpo (trl) validation")
-        path, metrics, last = _train_and_save(trainer, config, root, resume_from, callback)
-        bridge.saved(path)
-        metrics.update(dropped_or_truncated_samples=dropped, final_reward_margin=last.get("reward_margin"),
-                       final_reward_accuracy=last.get("reward_accuracy"))
-        result = TrainingResult(status="success", checkpoint_path=str(path) if path else None, metrics=metrics,
-                                output_dir=str(root))
-        bridge.end(result)
-        return result
+            trainer.train_dataset, dropped = preference_length_policy(trainer.train_dataset, config, "dpo (trl)")
+            if trainer.eval_dataset is not None:
+                trainer.eval_dataset, _ = preference_length_policy(trainer.eval_dataset, config, "dpo (trl) validation")
+            path, metrics, last = _train_and_save(trainer, config, root, resume_from, callback)
+            bridge.saved(path)
+            metrics.update(dropped_or_truncated_samples=dropped, final_reward_margin=last.get("reward_margin"),
+                           final_reward_accuracy=last.get("reward_accuracy"))
+            result = TrainingResult(status="success", checkpoint_path=str(path) if path else None, metrics=metrics,
+                                    output_dir=str(root))
+            bridge.end(result)
+            return result
 
 
 def preference_dataset(pairs: list[dict]):

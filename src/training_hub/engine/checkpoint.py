@@ -183,7 +183,12 @@ def check_output_dir(root: Path, resume: bool) -> Path | None:
     Without ``resume=True``, a directory that already holds a run (a training state, HF checkpoints or
     metrics.jsonl) is an error: nothing is silently resumed and nothing is silently overwritten.
     With ``resume=True`` the newest complete state is used; if there is none, training starts from scratch.
+    A directory another live process is training into is an error either way (``DirectoryInUseError``); the lock
+    file alone (``fsutil.LOCK_FILE``) does not make a directory hold a run.
     """
+    from training_hub.fsutil import check_not_claimed
+
+    check_not_claimed(root)
     remove_temporaries(root)
     states = complete_states(root)
     if resume:
