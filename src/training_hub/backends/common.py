@@ -59,6 +59,17 @@ def qlora_problems() -> list[str]:
     return []
 
 
+def check_model(config: Any, algorithm: str) -> None:
+    """A local ``model_path`` that cannot hold a model fails here, before any data work (``data.model_dir``)."""
+    from training_hub.data.model_dir import check_model_dir
+
+    model_path = getattr(config, "model_path", None)
+    if model_path:
+        chat = algorithm != "dpo" and not getattr(config, "is_pretraining", False)  # DPO text pairs need none
+        check_model_dir(str(model_path), need_chat_template=chat,
+                        trust_remote_code=bool(getattr(config, "trust_remote_code", False)))
+
+
 class BuiltinBackend(Backend):
     """A backend shipped with training_hub. Subclasses set ``name``/``algorithm``, ``config_class()``,
     ``refusals()`` (what they cannot take) and ``run(config, given, options)`` (the training)."""
@@ -97,6 +108,7 @@ class BuiltinBackend(Backend):
         if problems:
             raise ParameterError(f"{self.algorithm}() with the {self.name} backend",
                                  problems + ([self.refusal_hint] if self.refusal_hint else []))
+        check_model(config, self.algorithm)
         return self.run(config, given, options or {})
 
     def run(self, config: Any, given: set[str], options: Dict[str, Any]) -> Any:

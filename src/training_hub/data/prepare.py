@@ -179,8 +179,14 @@ def _pretraining(records: Records, tokenizer, data_path, max_seq_len, block_size
     import pyarrow as pa
     import pyarrow.compute as pc
 
+    model = getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
     if tokenizer.eos_token_id is None:
-        raise ValueError("prepare_sft_data: the tokenizer has no eos_token; pretraining appends it to each document")
+        raise ValueError(f"is_pretraining=True: the tokenizer of {model} has no EOS token (eos_token in "
+                         "tokenizer_config.json), which pretraining appends to each document to separate them; "
+                         "set one (tokenizer.eos_token = ...) or use a model whose tokenizer has one")
+    if len(tokenizer) <= len(getattr(tokenizer, "all_special_ids", ())):
+        raise ValueError(f"is_pretraining=True: the tokenizer of {model} has an empty vocabulary "
+                         f"({len(tokenizer)} tokens, all special); every document would become its EOS alone")
     backend, eos_id = backend_tokenizer(tokenizer), int(tokenizer.eos_token_id)
     source = datasets.Dataset.from_dict({"document": records.items})
     tokenized = source.map(lambda batch: {"ids": tokenize_documents(batch["document"], backend, eos_id)},
@@ -189,6 +195,9 @@ def _pretraining(records: Records, tokenizer, data_path, max_seq_len, block_size
                            new_fingerprint=os.urandom(8).hex(), desc="Tokenizing documents")
     flat = pc.list_flatten(tokenized.data.column("ids")).combine_chunks()
     total = len(flat)
+    if total == len(records.items) and any(str(d).strip() for d in records.items):
+        raise ValueError(f"is_pretraining=True: the tokenizer of {model} turns every document of {data_path} into "
+                         "no tokens (an empty or broken vocabulary); each would train on its EOS alone")
     offsets = np.append(np.arange(0, total, block_size), total).astype(np.int32)
     lengths = np.diff(offsets)
     if len(lengths) and lengths[-1] < 2:  # a lone last token: nothing to predict
