@@ -199,6 +199,10 @@ def check_value(spec: ParamSpec, value: Any) -> tuple[Any, str | None]:
         problem = f"{spec.name}: expected {spec.type_name}, got {value!r} ({type(value).__name__})"
         hint = closest(value, [c for c in spec.choices or () if isinstance(c, str)]) if isinstance(value, str) else None
         return value, problem + (f"; did you mean {hint!r}?" if hint else "")
+    if isinstance(value, float) and value != value:  # NaN passes every comparison below
+        return value, f"{spec.name}: must be a number, got nan"
+    if isinstance(value, float) and spec.bounds and value in (float("inf"), float("-inf")):
+        return value, f"{spec.name}: must be finite, got {value!r}"
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         for key, limit in spec.bounds.items():
             bad = {"gt": value <= limit, "ge": value < limit, "lt": value >= limit, "le": value > limit}[key]

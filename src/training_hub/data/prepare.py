@@ -142,6 +142,10 @@ def _apply_policy(tokenized, records: Records, data_path, max_seq_len):
     status = table.column("status").to_numpy()
     lengths = table.column("length").to_numpy()
     keep = np.flatnonzero(status == KEEP)
+    if len(status) and bool((status == TOO_LONG).all()):
+        raise ValueError(f"{data_path}: every sample ({len(status)}) is longer than max_seq_len={max_seq_len} "
+                         f"(the longest has {int(lengths.max())} tokens): raise max_seq_len, or pass "
+                         "truncate_long_samples=True to cut them to max_seq_len")
     truncated = table.column("truncated").to_numpy(zero_copy_only=False)
     examples = {}
     for reason, where in (("too_long", status == TOO_LONG), ("no_loss", status == NO_LOSS),

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,6 +20,8 @@ from training_hub.data.errors import DataProblem
 
 SUFFIXES = (".jsonl", ".json", ".parquet")
 VALID_SOURCES = ".jsonl, .json or .parquet file, a directory of them, or a datasets.save_to_disk directory"
+
+logger = logging.getLogger(__name__)
 
 def is_saved_dataset(path: Path) -> bool:
     """True for a directory written by ``Dataset.save_to_disk`` or ``DatasetDict.save_to_disk``."""
@@ -35,11 +38,13 @@ def find_files(data_path: str) -> tuple[list[Path], DataProblem | None]:
     if path.is_dir():
         if is_saved_dataset(path):
             return [path], None
-        files = sorted(
-            p for p in path.rglob("*")
-            if p.is_file() and p.suffix in SUFFIXES
-            and not any(part.startswith(".") for part in p.relative_to(path).parts)
-        )
+        found = sorted(p for p in path.rglob("*") if p.is_file())
+        files = [p for p in found if p.suffix in SUFFIXES
+                 and not any(part.startswith(".") for part in p.relative_to(path).parts)]
+        skipped = [p for p in found if p not in files]
+        logger.info("data_path %s: reading %d file(s): %s; skipped %d (not .jsonl/.json/.parquet, or hidden)%s",
+                    path, len(files), ", ".join(str(p.relative_to(path)) for p in files) or "none", len(skipped),
+                    (": " + ", ".join(str(p.relative_to(path)) for p in skipped[:20])) if skipped else "")
         if not files:
             return [], DataProblem(str(path), None, "data_path", "directory holds no .jsonl, .json or .parquet "
                                    "files", VALID_SOURCES)
@@ -74,6 +79,10 @@ def _read_json_file(path: Path) -> Iterator[Any]:
         data = data[3:]
     if path.suffix == ".json" and data.lstrip()[:1] == b"[":
         yield from _read_json_list(path, data)
+    elif path.suffix == ".jsonl" and data.lstrip()[:1] == b"[":
+        line = data[:len(data) - len(data.lstrip())].count(b"\n") + 1
+        yield DataProblem(str(path), line, "file", "starts with '[': this looks like a JSON array; name the file "
+                          ".json (a .jsonl file holds one JSON object per line)", "one JSON object per line")
     else:
         yield from _read_json_lines(path, data)
 

@@ -7,6 +7,7 @@ the tokenizer stage. Neither needs a tokenizer or torch.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 
 from training_hub.data import formats
@@ -63,7 +64,34 @@ def read_records(data_path: str, *, kind: str = "chat", document_column_name: st
     if not records.items:  # e.g. a .json file holding an empty list
         collector.add(DataProblem(str(data_path), None, "data_path", "no records found", "at least one record"))
         collector.raise_if_any()
+    _warn_suspicious(records)
     return records
+
+
+def _suspicious(kind: str, item) -> str | None:
+    """Why a valid record is likely a mistake (None when it looks fine)."""
+    if kind == "chat":
+        roles = [m["role"] for m in item["messages"] if m["role"] != "system"]
+        if roles and roles[0] == "assistant":
+            return "conversation(s) start with an assistant turn (no prompt before it)"
+        if roles and roles[-1] == "user":
+            return "conversation(s) end on a user turn (a prompt with no answer, which gets no loss)"
+    elif kind == "preference" and item["chosen"] == item["rejected"]:
+        return "pair(s) whose chosen equals rejected (nothing to prefer; the pair only adds noise)"
+    return None
+
+
+def _warn_suspicious(records: Records) -> None:
+    """One warning per file and kind of likely mistake, with the count and the first file:line."""
+    found: dict = {}
+    for index, item in enumerate(records.items):
+        why = _suspicious(records.kind, item)
+        if why is not None:
+            path = records.locations[index][0]
+            count, first = found.get((path, why), (0, index))
+            found[(path, why)] = (count + 1, first)
+    for (path, why), (count, first) in found.items():
+        warnings.warn(f"{path}: {count} {why}; first at {records.where(first)}", UserWarning, stacklevel=3)
 
 
 def check_data(data_path: str, *, kind: str = "chat", document_column_name: str = "document") -> None:
