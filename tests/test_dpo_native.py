@@ -20,7 +20,7 @@ from training_hub import dpo
 torch = pytest.importorskip("torch")
 
 COMMON = dict(beta=0.1, learning_rate=1e-3, effective_batch_size=8, max_seq_len=256, lr_scheduler="constant",
-              disable_progress_bar=True)
+              disable_progress_bar=True, dtype="float32")  # exact comparisons: fp32 on every CPU
 
 
 def write_jsonl(path, records):

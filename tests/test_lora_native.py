@@ -15,7 +15,7 @@ pytest.importorskip("peft")
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
 COMMON = dict(lora_r=8, lora_alpha=16.0, target_modules=TARGETS, learning_rate=5e-3, effective_batch_size=16,
               num_epochs=2, max_tokens_per_gpu=4096, max_seq_len=256, lr_scheduler="constant",
-              disable_progress_bar=True)
+              disable_progress_bar=True, dtype="float32")  # exact comparisons: fp32 on every CPU
 
 
 def logits(model, ids):

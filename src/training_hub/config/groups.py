@@ -107,7 +107,8 @@ class BatchParams(DeclaredConfig):
 class RuntimeParams(DeclaredConfig):
     group_title = "Precision and memory"
 
-    dtype: Literal["auto", "float32", "bfloat16"] = param("auto", "Training precision: auto = bf16 autocast on CUDA, fp32 on CPU.")
+    dtype: Literal["auto", "float32", "bfloat16"] = param("auto", "Training precision (fp32 master weights): auto = bf16 autocast on CUDA and on CPUs "
+                                      "with native bf16 (AMX/AVX512-BF16), fp32 elsewhere.")
     gradient_checkpointing: bool = param(False, "Recompute activations in the backward pass to save memory.")
     use_liger: bool = param(
         False, "Use Liger kernels (CUDA only; ignored with a warning elsewhere).",

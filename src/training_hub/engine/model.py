@@ -12,6 +12,7 @@ from typing import Any, Callable
 import torch
 
 from training_hub.engine.attention import use_packed_attention
+from training_hub.engine.precision import autocast_dtype
 
 logger = logging.getLogger("training_hub.engine")
 
@@ -29,11 +30,12 @@ def stored_dtype(model_path: str, trust_remote_code: bool = False) -> torch.dtyp
 
 
 def device_and_autocast(dtype: str) -> tuple[torch.device, Callable[[], Any]]:
-    """CUDA when present, else CPU; bf16 autocast for dtype='bfloat16' (and 'auto' on CUDA), else plain fp32."""
+    """CUDA when present, else CPU; bf16 autocast where ``precision.autocast_dtype`` says so ('bfloat16', or 'auto'
+    on CUDA and on CPUs with native bf16), else plain fp32. The master weights stay fp32 either way."""
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-    use_bf16 = dtype == "bfloat16" or (dtype == "auto" and device.type == "cuda")
-    if use_bf16:
-        return device, lambda: torch.autocast(device.type, dtype=torch.bfloat16)
+    compute = autocast_dtype(dtype, device)
+    if compute is not None:
+        return device, lambda: torch.autocast(device.type, dtype=compute)
     return device, contextlib.nullcontext
 
 

@@ -1,0 +1,78 @@
+"""dtype selection (engine.precision): "auto" means bf16 autocast on CUDA and on CPUs with native bf16.
+
+That bf16 autocast tracks fp32 on the tiny model is checked end to end in tests/test_engine_train.py
+(test_gradient_checkpointing_is_exact_and_bf16_autocast_is_close); this file checks only the selection.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from training_hub.engine import precision
+
+CPU, CUDA = torch.device("cpu"), torch.device("cuda")
+
+
+@pytest.fixture(params=[True, False], ids=["cpu-bf16", "cpu-no-bf16"])
+def native_bf16(request, monkeypatch):
+    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: request.param)
+    return request.param
+
+
+def test_explicit_dtypes_ignore_the_hardware(native_bf16):
+    for device in (CPU, CUDA):
+        assert precision.autocast_dtype("bfloat16", device) is torch.bfloat16
+        assert precision.autocast_dtype("float32", device) is None
+
+
+def test_auto_is_bf16_on_cuda_and_on_cpus_with_native_bf16(native_bf16):
+    assert precision.autocast_dtype("auto", CUDA) is torch.bfloat16
+    assert precision.autocast_dtype("auto", "cuda:0") is torch.bfloat16
+    assert precision.autocast_dtype("auto", CPU) is (torch.bfloat16 if native_bf16 else None)
+
+
+def test_unknown_dtype_is_an_error():
+    with pytest.raises(ValueError, match="dtype must be one of 'auto', 'bfloat16', 'float32', got 'fp16'"):
+        precision.autocast_dtype("fp16", CPU)
+
+
+@pytest.mark.parametrize("torch_says, flags, expected", [
+    ((True, False), "", True),                              # AMX tiles
+    ((False, True), "", True),                              # AVX512-BF16
+    ((False, False), "fpu sse avx512f amx_bf16", True),     # torch's private helpers unavailable or wrong
+    ((False, False), "fpu sse avx512f avx512_bf16", True),
+    ((False, False), "fpu sse avx2 avx512f", False),
+    ((False, False), None, False),                          # no /proc/cpuinfo
+])
+def test_cpu_detection(monkeypatch, tmp_path, torch_says, flags, expected):
+    amx, avx512_bf16 = torch_says
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx, raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16, raising=False)
+    cpuinfo = tmp_path / "cpuinfo"
+    if flags is not None:
+        cpuinfo.write_text(f"processor\t: 0\nflags\t\t: {flags}\n\nprocessor\t: 1\nflags\t\t: {flags}\n")
+    real = precision._cpuinfo_flags
+    monkeypatch.setattr(precision, "_cpuinfo_flags", lambda: real(str(cpuinfo)))
+    precision.cpu_has_native_bf16.cache_clear()
+    try:
+        assert precision.cpu_has_native_bf16() is expected
+    finally:
+        precision.cpu_has_native_bf16.cache_clear()
+
+
+def test_detection_is_cached():
+    precision.cpu_has_native_bf16.cache_clear()
+    first = precision.cpu_has_native_bf16()
+    assert precision.cpu_has_native_bf16() is first
+    assert precision.cpu_has_native_bf16.cache_info().hits >= 1
+
+
+def test_precision_imports_nothing_heavy():
+    import subprocess
+    import sys
+
+    code = ("import sys, training_hub.engine.precision as p; p.cpu_has_native_bf16(); "
+            "print(sorted(m for m in ('transformers', 'datasets', 'trl') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
