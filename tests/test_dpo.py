@@ -94,13 +94,15 @@ def test_bad_parameters_are_reported_together():
                                     "is_pretraining": True})
 
 
-def test_bad_preference_data_fails_before_loading_the_model(tmp_path):
+def test_bad_preference_data_fails_before_loading_the_model(tmp_path, tiny_model_dir, monkeypatch):
+    from transformers import AutoModelForCausalLM
+
     data = tmp_path / "bad.jsonl"
     data.write_text(json.dumps({"prompt": "q", "chosen": "a"}) + "\n")
     out = tmp_path / "out"
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", lambda *a, **k: pytest.fail("model loaded"))
     with pytest.raises(ValueError, match=r"bad\.jsonl:1.*rejected"):
-        dpo(model_path=str(tmp_path / "no-such-model"), data_path=str(data), ckpt_output_dir=str(out),
-            backend="trl")
+        dpo(model_path=str(tiny_model_dir), data_path=str(data), ckpt_output_dir=str(out), backend="trl")
     assert not out.exists()
 
 
