@@ -76,3 +76,29 @@ def test_precision_imports_nothing_heavy():
             "print(sorted(m for m in ('transformers', 'datasets', 'trl') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_packed_attention_under_cpu_bf16_autocast_is_computed_in_fp32():
+    """engine.attention: on CPU, bf16 attention is done in fp32 (faster backward there) and returned in bf16,
+    as SDPA under autocast returns it; the result is fp32 attention rounded once, and gradients flow."""
+    import torch.nn.functional as F
+
+    from training_hub.engine.attention import packed_sdpa
+
+    class Module:
+        training = True
+
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(1, 4, 12, 8, generator=g)  # q and k arrive in fp32 (rotary embeddings), v in bf16
+    k = torch.randn(1, 2, 12, 8, generator=g)
+    v = torch.randn(1, 2, 12, 8, generator=g).bfloat16()
+    q.requires_grad_(), k.requires_grad_(), v.requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, _ = packed_sdpa(Module(), q, k, v, None, sample_bounds=[0, 5, 12])
+    assert out.dtype is torch.bfloat16 and out.shape == (1, 12, 4, 8)
+    reference = torch.cat([F.scaled_dot_product_attention(q[:, :, a:b], k[:, :, a:b], v[:, :, a:b].float(),
+                                                          is_causal=True, enable_gqa=True)
+                           for a, b in ((0, 5), (5, 12))], dim=2).transpose(1, 2)
+    assert torch.equal(out, reference.bfloat16())
+    out.float().sum().backward()
+    assert q.grad.dtype is torch.float32 and v.grad.dtype is torch.bfloat16 and q.grad.abs().sum() > 0

@@ -10,10 +10,16 @@ sample boundaries of the row. It is registered as a transformers attention imple
 attention modules call it. :func:`use_packed_attention` switches a model to it only after a numeric self-check
 (a packed sample's logits equal its logits alone); models it does not fit keep SDPA with the position-id mask,
 which is checked the same way.
+
+On CPU, bf16 inputs (bf16 autocast) are attended in fp32 and the result cast back to bf16: PyTorch's CPU flash
+attention backward is about 2x slower in bf16 than in fp32 (measured on AMX Xeon, torch 2.13: 87 vs 36 ms for
+the backward of a 4,358-token row of 26 samples, 8 heads of 64), and fp32 is also the more exact of the two.
+On CUDA the inputs stay in bf16 (its bf16 kernels are the fast ones).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 
 import torch
@@ -38,20 +44,30 @@ def packed_sdpa(module, query, key, value, attention_mask, dropout: float = 0.0,
         bounds = [0, query.shape[2]]
     dropout = dropout if module.training else 0.0
     gqa = query.shape[1] != key.shape[1]
+    out_dtype = query.dtype
+    # bf16 on CPU: bf16 inputs, or bf16 autocast (which would cast q/k/v to bf16 here; with Qwen2/Llama rotary
+    # embeddings q and k arrive in fp32 and v in bf16). See the module docstring.
+    upcast = query.device.type == "cpu" and (
+        torch.bfloat16 in (query.dtype, key.dtype, value.dtype)
+        or (torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16))
+    if upcast:
+        out_dtype = torch.bfloat16  # what SDPA returns under bf16 autocast
+        query, key, value = query.float(), key.float(), value.float()
     # split (not slicing in a loop): its backward is one concatenation, where slicing would zero-fill a
     # full-size gradient buffer for every sample in every layer
     lengths = [end - start for start, end in zip(bounds[:-1], bounds[1:])]
     outputs = []
-    for q, k, v in zip(query.split(lengths, dim=2), key.split(lengths, dim=2), value.split(lengths, dim=2)):
-        mask, causal = None, True
-        if sliding_window is not None and q.shape[2] > sliding_window:
-            i = torch.arange(q.shape[2], device=query.device)
-            mask = (i[:, None] >= i[None, :]) & (i[:, None] - i[None, :] < sliding_window)
-            causal = False
-        outputs.append(F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
-                                                      dropout_p=dropout, scale=scaling, enable_gqa=gqa))
+    with torch.autocast("cpu", enabled=False) if upcast else contextlib.nullcontext():  # else autocast recasts
+        for q, k, v in zip(query.split(lengths, dim=2), key.split(lengths, dim=2), value.split(lengths, dim=2)):
+            mask, causal = None, True
+            if sliding_window is not None and q.shape[2] > sliding_window:
+                i = torch.arange(q.shape[2], device=query.device)
+                mask = (i[:, None] >= i[None, :]) & (i[:, None] - i[None, :] < sliding_window)
+                causal = False
+            outputs.append(F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
+                                                          dropout_p=dropout, scale=scaling, enable_gqa=gqa))
     out = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=2)
-    return out.transpose(1, 2).contiguous(), None
+    return out.transpose(1, 2).to(out_dtype, memory_format=torch.contiguous_format), None
 
 
 def register() -> None:
