@@ -126,7 +126,7 @@ def test_resume_continues_the_same_run(learned, tiny_model_dir, pref_path, tmp_p
     with pytest.raises(ValueError, match="already holds a training run"):
         dpo(str(tiny_model_dir), str(pref_path), str(run), backend="native", **COMMON)
     result = dpo(str(tiny_model_dir), str(pref_path), str(run), backend="native", num_epochs=10, max_steps=6,
-                 max_tokens_per_gpu=4096, resume=True, **COMMON)
+                 max_tokens_per_gpu=4096, resume=True, resume_changes=["max_steps"], **COMMON)
     assert result.metrics["steps"] == 6
     resumed, straight = train_lines(run), train_lines(out)[:6]
     assert [r["step"] for r in resumed] == list(range(1, 7))

@@ -329,7 +329,8 @@ def test_peak_memory_is_bounded_by_the_token_budget_not_the_data(tiny_model_dir,
     mib = 2**20
     print(f"peak RSS MiB: base {base / mib:.0f}, 16x data same budget {same_budget / mib:.0f}, "
           f"16x data no budget {no_budget / mib:.0f}")
-    assert same_budget - base < 25 * mib, (base / mib, same_budget / mib)
+    # measured: +23 MiB (16x the rows in the data set and its plan), against +190 MiB for the unbounded control
+    assert same_budget - base < 40 * mib, (base / mib, same_budget / mib)
     assert no_budget - base > 150 * mib, (base / mib, no_budget / mib)
 
 

@@ -102,12 +102,16 @@ def _check_output_dir(root: Path, resume: bool) -> str | None:
     state = root / STATE_DIR
     checkpoints = sorted(state.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1])) \
         if state.is_dir() else []
-    if resume:
-        if checkpoints:
-            return str(checkpoints[-1])
-        logger.warning("resume=True but %s holds no TRL checkpoint; starting from the beginning", root)
-        return None
+    if resume and checkpoints:
+        return str(checkpoints[-1])
     found = [str(p.relative_to(root)) for p in (root / METRICS_FILE, root / HF_DIR, state) if p.exists()]
+    if resume and found:  # starting over here would mix this run's files with a new one's
+        from training_hub.engine.checkpoint import ExistingRunError
+
+        raise ExistingRunError(f"resume=True: ckpt_output_dir {root} holds a run ({', '.join(found)}) but no TRL "
+                               "checkpoint to continue from. Start the new run in another ckpt_output_dir.")
+    if resume:
+        return None
     if found:
         from training_hub.engine.checkpoint import ExistingRunError  # the native engine's error, same meaning
 

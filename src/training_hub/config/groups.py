@@ -13,6 +13,10 @@ from typing import Literal, Optional, Union
 from training_hub.config.declare import DeclaredConfig, ignored, param, translated
 
 
+# What a resumed run may change when the caller lists it in resume_changes (see engine/run.py).
+RESUME_CHANGEABLE = ("learning_rate", "lr_scheduler", "lr_scheduler_kwargs", "warmup_steps", "max_steps", "num_epochs")
+
+
 @dataclass(kw_only=True)
 class ModelIOParams(DeclaredConfig):
     group_title = "Model, data and output"
@@ -124,7 +128,12 @@ class CheckpointParams(DeclaredConfig):
     save_samples: Optional[int] = param(None, "Save a checkpoint every N training samples (None or 0: off).", ge=0)
     checkpoint_at_epoch: bool = param(False, "Save a checkpoint at the end of every epoch.")
     save_final_checkpoint: bool = param(True, "Save a checkpoint when training ends.")
-    resume: bool = param(False, "Continue from the newest complete training state in ckpt_output_dir.")
+    resume: bool = param(False, "Continue from the newest complete training state in ckpt_output_dir; every setting "
+                                "that decides the training (and the data's content) must be the same as that run's.")
+    resume_changes: Optional[list[str]] = param(
+        None, "With resume=True: settings allowed to differ from the run being resumed, from learning_rate, "
+              "lr_scheduler, lr_scheduler_kwargs, warmup_steps, max_steps, num_epochs. The schedule is rebuilt with "
+              "the new values for the new total and continues at the resumed step (warmup is not repeated).")
     keep_last_n_checkpoints: Optional[int] = param(None, "Keep only the newest N intermediate checkpoints (None: keep all).", gt=0)
     keep_last_checkpoint_only: bool = param(
         False, "Upstream: keep only the newest checkpoint (same as keep_last_n_checkpoints=1).",
@@ -134,6 +143,17 @@ class CheckpointParams(DeclaredConfig):
               "always writes it with every checkpoint; False is ignored there, with a warning.",
         upstream=ignored("the native engine always writes the full training state with every checkpoint (resume=True "
                          "needs it)", when=lambda v: v is False))
+
+    def checks(self) -> list[str]:
+        problems = super().checks()
+        unknown = sorted(set(self.resume_changes or ()) - set(RESUME_CHANGEABLE))
+        if unknown:
+            problems.append(f"resume_changes: {', '.join(unknown)} cannot change on resume; it may name "
+                            f"{', '.join(RESUME_CHANGEABLE)}")
+        if self.resume_changes and not self.resume:
+            problems.append("resume_changes: only means something with resume=True")
+        return problems
+
 
 
 @dataclass(kw_only=True)

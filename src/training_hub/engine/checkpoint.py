@@ -182,7 +182,8 @@ def check_output_dir(root: Path, resume: bool) -> Path | None:
 
     Without ``resume=True``, a directory that already holds a run (a training state, HF checkpoints or
     metrics.jsonl) is an error: nothing is silently resumed and nothing is silently overwritten.
-    With ``resume=True`` the newest complete state is used; if there is none, training starts from scratch.
+    With ``resume=True`` the newest complete state is used; a directory with checkpoints or metrics but no state is
+    an error (starting over would mix two runs), an empty or missing one starts from scratch.
     A directory another live process is training into is an error either way (``DirectoryInUseError``); the lock
     file alone (``fsutil.LOCK_FILE``) does not make a directory hold a run.
     """
@@ -191,11 +192,8 @@ def check_output_dir(root: Path, resume: bool) -> Path | None:
     check_not_claimed(root)
     remove_temporaries(root)
     states = complete_states(root)
-    if resume:
-        if states:
-            return states[-1]
-        logger.warning("resume=True but %s holds no complete training state; starting from the beginning", root)
-        return None
+    if resume and states:
+        return states[-1]
     found = []
     if states:
         found.append(f"training state {states[-1].relative_to(root)}")
@@ -203,6 +201,14 @@ def check_output_dir(root: Path, resume: bool) -> Path | None:
         found.append(f"{len(hf_checkpoints(root))} checkpoint(s) in {HF_DIR}/")
     if (root / METRICS_FILE).exists():
         found.append(METRICS_FILE)
+    if resume and found:  # starting over here would prune, overwrite or return that run's checkpoints as ours
+        raise ExistingRunError(
+            f"resume=True: ckpt_output_dir {root} holds a run ({', '.join(found)}) but no complete training state "
+            "to continue from (it was stopped before its first save, or written by another backend). Start the "
+            "new run in another ckpt_output_dir, or delete this one.")
+    if resume:
+        logger.info("resume=True and %s holds no run yet; starting from the beginning", root)
+        return None
     if found:
         raise ExistingRunError(
             f"ckpt_output_dir {root} already holds a training run ({', '.join(found)}). Pass resume=True to "

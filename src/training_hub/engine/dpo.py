@@ -33,13 +33,14 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
+from training_hub.data.sources import fingerprint
 from training_hub.engine import checkpoint as ckpt
 from training_hub.engine import distributed
 from training_hub.engine.batching import IGNORE_INDEX, Step, pack, pack_into_micro_batches, plan_epoch
 from training_hub.engine.loss import packed_logits
 from training_hub.engine.model import device_and_autocast, load_model
 from training_hub.engine.run import (
-    Progress, Run, StepOutcome, execute, optimizer_and_scheduler, seed_everything, total_steps,
+    Progress, Run, StepOutcome, execute, optimizer_and_scheduler, resume, run_plan, seed_everything, total_steps,
 )
 from training_hub.losses.dpo import dpo_sigmoid_loss
 from training_hub.result import TrainingResult
@@ -236,6 +237,10 @@ class DPORecipe:
         ckpt.save_training_state(self.root, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler,
                                  progress=progress)
 
+    def load_state(self, path: Path) -> dict:
+        return ckpt.load_training_state(path, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler,
+                                        device=self.device)
+
     def result_metrics(self, progress: Progress) -> dict:
         last, last_validation = progress.last, progress.last_validation
         return {"final_loss": last.get("loss"), "final_reward_margin": last.get("reward_margin"),
@@ -261,11 +266,8 @@ def train_dpo(config: Any) -> TrainingResult:
     from training_hub.fsutil import claim_directory
     with claim_directory(root):  # creates root; one live run per output directory
         steps_per_epoch, total = total_steps(config, len(data.train))
-        progress = Progress(plan={"seed": config.seed, "effective_batch_size": config.effective_batch_size,
-                                  "max_tokens_per_gpu": data.max_tokens, "num_train_samples": len(data.train),
-                                  "model_path": str(config.model_path), "beta": config.beta,
-                                  "max_length": config.effective_max_length,
-                                  "max_prompt_length": config.max_prompt_length})
+        progress = Progress(plan=run_plan(config, fingerprint(config.data_path), max_tokens_per_gpu=data.max_tokens,
+                                          num_train_samples=len(data.train)))
 
         model, save_dtype = load_model(config, device)
         trainable = [p for p in model.parameters() if p.requires_grad]
@@ -273,11 +275,7 @@ def train_dpo(config: Any) -> TrainingResult:
         recipe = DPORecipe(config, device=device, autocast=autocast, data=data, tokenizer=tokenizer, model=model,
                            save_dtype=save_dtype, optimizer=optimizer, scheduler=scheduler, root=root)
         if resume_from is not None:
-            saved = ckpt.load_training_state(resume_from, model=model, optimizer=optimizer, scheduler=scheduler,
-                                             device=device)
-            progress.restore(saved)
-            logger.info("resuming from %s (step %d, %d pairs seen)", resume_from, saved["global_step"],
-                        saved["samples_seen"])
+            resume(recipe, progress, config, total, resume_from)
         run = Run(config, root=root, ranks=distributed.SINGLE, device=device, steps_per_epoch=steps_per_epoch,
                   total_steps=total, progress=progress, resumed=resume_from is not None, desc="dpo")
         return execute(run, recipe, has_validation=bool(data.validation))

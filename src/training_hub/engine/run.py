@@ -9,6 +9,7 @@ answers what only it knows. It inherits nothing; :func:`execute` calls it at fix
     recipe.save_checkpoint(samples) -> Path | None  a Hugging Face checkpoint (the path on the writing rank)
     recipe.save_state(progress: dict) -> None       the training state that resume=True continues from
     recipe.result_metrics(progress) -> dict         the loop's own entries of the result's metrics
+    recipe.load_state(path) -> dict                 restore model, optimizer, scheduler, RNG (``resume``)
 
 Everything else is here, once: the :class:`Progress` counters (saved with the state; a resumed run must plan the
 same steps), the clock, the per-step schedule (log, validate every ``eval_steps``, save every ``save_samples``),
@@ -35,6 +36,7 @@ import torch
 
 from training_hub.engine import checkpoint as ckpt
 from training_hub.engine import distributed
+from training_hub.config.groups import RESUME_CHANGEABLE
 from training_hub.engine.batching import Step
 from training_hub.engine.metrics import DiscardMetrics, MetricsWriter, peak_memory_bytes, progress_bar, step_record
 from training_hub.engine.reporter import RunReporter
@@ -102,17 +104,24 @@ class Progress:
     def state(self, elapsed: float) -> dict:
         return {**dataclasses.asdict(self), "elapsed": elapsed}
 
-    def restore(self, saved: dict) -> None:
-        """Continue from a saved state; the saved plan must equal this run's (same data order and batching)."""
+    def restore(self, saved: dict, allowed: set[str] = frozenset()) -> list[str]:
+        """Continue from a saved state. Its plan must equal this run's, except the names in ``allowed`` (the
+        caller's ``resume_changes``); returns the allowed names that did change. Keys an older state did not
+        record are not compared."""
         plan = saved.get("plan", saved)  # states of version 0.1 kept the plan keys at the top level
-        changed = [f"{k}: saved {plan.get(k)!r}, now {v!r}" for k, v in self.plan.items() if plan.get(k) != v]
-        if changed:
-            raise ValueError("resume=True: these settings differ from the run being resumed, so its data order "
-                             "cannot be continued: " + "; ".join(changed) + ". Use the original values or a new "
-                             "ckpt_output_dir.")
+        changed = {k: (plan[k], v) for k, v in self.plan.items() if k in plan and plan[k] != v}
+        refused = [k for k in changed if k not in allowed]
+        if refused:
+            lines = "; ".join(f"{k}: saved {changed[k][0]!r}, now {changed[k][1]!r}" for k in refused)
+            may = [k for k in refused if k in RESUME_CHANGEABLE]
+            hint = (f" To continue with the new {', '.join(may)}, pass resume_changes={may!r}." if may else "")
+            raise ValueError(f"resume=True continues the same run, but these differ from the run in the output "
+                             f"directory: {lines}.{hint} Otherwise use the original values, or a new ckpt_output_dir "
+                             "for a new run.")
         for f in dataclasses.fields(self):
             if f.name != "plan" and f.name in saved:
                 setattr(self, f.name, saved[f.name])
+        return [k for k in changed if k in allowed]
 
 
 class Clock:
@@ -156,6 +165,48 @@ def stop_on_signals() -> Iterator[dict]:
 
 
 # ------------------------------------------------------------------------------------------------ components
+
+# Settings that do not change what a run trains on or how (where it writes, what it logs, how many processes
+# share the work: a training state resumes under any process count). Every other declared setting is part of a
+# run's plan and must be the same when it is resumed (upstream-only names are folded into ours first).
+NOT_IN_PLAN = frozenset({
+    "ckpt_output_dir", "data_output_dir", "data_path", "validation_data_path", "eval_steps", "resume",
+    "resume_changes", "save_samples", "checkpoint_at_epoch", "save_final_checkpoint", "keep_last_n_checkpoints",
+    "logging_steps", "disable_progress_bar", "wandb_project", "wandb_entity", "wandb_run_name",
+    "tensorboard_log_dir", "mlflow_tracking_uri", "mlflow_experiment_name", "mlflow_run_name", "callbacks",
+    "nproc_per_node", "nnodes", "node_rank", "rdzv_id", "rdzv_endpoint", "master_addr", "master_port", "strategy",
+    "fsdp_options",
+    "trust_remote_code", "dtype", "gradient_checkpointing", "use_liger", "merge",
+})
+
+
+def run_plan(config: Any, data_fingerprint: str, **extra: Any) -> dict:
+    """What a resumed run must share with the run it continues: the data's content, every setting that decides
+    the training (all declared ones but :data:`NOT_IN_PLAN` and the upstream-only names), and ``extra``."""
+    import json
+
+    from training_hub.config.declare import param_specs
+
+    values = {name: getattr(config, name) for name, spec in param_specs(type(config)).items()
+              if name not in NOT_IN_PLAN and spec.upstream is None}
+    return json.loads(json.dumps({**values, "data_sha256": data_fingerprint, **extra}, default=str))
+
+
+def resume(recipe: Any, progress: Progress, config: Any, total: int, path: Path) -> None:
+    """Load the training state at ``path`` into the recipe and ``progress``; apply the changes the caller allowed
+    (``resume_changes``) by rebuilding the schedule for the new values, continuing at the resumed step."""
+    saved = recipe.load_state(path)
+    changed = progress.restore(saved, allowed=set(config.resume_changes or ()))
+    if changed:
+        for group in recipe.optimizer.param_groups:
+            group["initial_lr"] = group["lr"] = config.learning_rate
+        recipe.scheduler = build_scheduler(recipe.optimizer, name=config.lr_scheduler,
+                                           warmup_steps=config.warmup_steps, total_steps=total,
+                                           scheduler_kwargs=config.lr_scheduler_kwargs,
+                                           start_step=progress.global_step)
+        logger.warning("resume: %s changed as asked (resume_changes); the schedule continues at step %d of %d with "
+                       "lr %.3g", ", ".join(changed), progress.global_step, total, recipe.scheduler.get_last_lr()[0])
+    logger.info("resuming from %s (step %d, %d samples seen)", path, saved["global_step"], saved["samples_seen"])
 
 def seed_everything(seed: int) -> None:
     import random

@@ -31,8 +31,11 @@ def lr_factor(step: int, *, name: str, warmup_steps: int, total_steps: int, min_
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, *, name: str, warmup_steps: int, total_steps: int,
-                    scheduler_kwargs: dict | None = None) -> torch.optim.lr_scheduler.LambdaLR:
-    """A LambdaLR following :func:`lr_factor`. ``scheduler_kwargs`` accepts ``min_lr_ratio`` (default 0)."""
+                    scheduler_kwargs: dict | None = None, start_step: int = 0) -> torch.optim.lr_scheduler.LambdaLR:
+    """A LambdaLR following :func:`lr_factor`. ``scheduler_kwargs`` accepts ``min_lr_ratio`` (default 0).
+
+    ``start_step``: the optimizer step the schedule starts at (a resumed run whose schedule changed); the param
+    groups' ``initial_lr`` is then the peak learning rate."""
     kwargs = dict(scheduler_kwargs or {})
     min_lr_ratio = float(kwargs.pop("min_lr_ratio", 0.0))
     if kwargs:
@@ -45,4 +48,4 @@ def build_scheduler(optimizer: torch.optim.Optimizer, *, name: str, warmup_steps
         return lr_factor(step, name=name, warmup_steps=warmup_steps, total_steps=total_steps,
                          min_lr_ratio=min_lr_ratio)
 
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor, last_epoch=start_step - 1)

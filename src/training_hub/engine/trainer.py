@@ -20,6 +20,7 @@ from typing import Any, Callable
 import torch
 
 from training_hub.config.processes import in_torchrun_worker, launch_plan
+from training_hub.data.sources import fingerprint
 from training_hub.data.training import TrainingData, prepare_training_data
 from training_hub.engine import checkpoint as ckpt
 from training_hub.engine import distributed
@@ -28,7 +29,7 @@ from training_hub.engine.loss import step_loss_and_backward, token_loss_sum
 from training_hub.engine.method import TrainingMethod
 from training_hub.engine.model import device_and_autocast, load_model
 from training_hub.engine.run import (
-    Progress, Run, StepOutcome, execute, optimizer_and_scheduler, seed_everything, total_steps,
+    Progress, Run, StepOutcome, execute, optimizer_and_scheduler, resume, run_plan, seed_everything, total_steps,
 )
 from training_hub.result import TrainingResult
 
@@ -171,9 +172,8 @@ def train_sft(config: Any, method: TrainingMethod | None = None) -> TrainingResu
     from training_hub.fsutil import claim_directory
     with claim_directory(root, claim=ranks.is_main):  # creates root; one live run per output directory
         steps_per_epoch, total = total_steps(config, len(data.train))
-        progress = Progress(plan={"seed": config.seed, "effective_batch_size": config.effective_batch_size,
-                                  "max_tokens_per_gpu": data.max_tokens, "num_train_samples": len(data.train),
-                                  "model_path": str(config.model_path), **method.plan_keys()})
+        progress = Progress(plan=run_plan(config, fingerprint(config.data_path), max_tokens_per_gpu=data.max_tokens,
+                                          num_train_samples=len(data.train), **method.plan_keys()))
 
         raw, save_dtype = load_model(config, device)
         method.prepare_model(raw)
@@ -184,10 +184,7 @@ def train_sft(config: Any, method: TrainingMethod | None = None) -> TrainingResu
                            tokenizer=tokenizer, raw=raw, model=model, save_dtype=save_dtype, trainable=trainable,
                            optimizer=optimizer, scheduler=scheduler, root=root)
         if resume_from is not None:
-            saved = recipe.load_state(resume_from)
-            progress.restore(saved)
-            logger.info("resuming from %s (step %d, %d samples seen)", resume_from, saved["global_step"],
-                        saved["samples_seen"])
+            resume(recipe, progress, config, total, resume_from)
         run = Run(config, root=root, ranks=ranks, device=device, steps_per_epoch=steps_per_epoch, total_steps=total,
                   progress=progress, resumed=resume_from is not None, desc="sft")
         return execute(run, recipe, has_validation=data.validation is not None)

@@ -1,0 +1,72 @@
+"""resume=True continues the same run: same data, same settings, unless a change is asked for explicitly."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from training_hub import sft
+from training_hub.engine.checkpoint import ExistingRunError
+
+COMMON = dict(effective_batch_size=8, max_seq_len=128, learning_rate=1e-3, lr_scheduler="cosine",
+              disable_progress_bar=True, dtype="float32")
+
+
+@pytest.fixture(scope="module")
+def chat_data(tmp_path_factory):
+    from test_engine_train import write_chat
+
+    return write_chat(tmp_path_factory.mktemp("data") / "chat.jsonl")  # 48 samples: 6 steps of 8
+
+
+def run(model, data, out, **kw):
+    return sft(str(model), str(data), str(out), **{**COMMON, **kw})
+
+
+def records(out):
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_resume_refuses_different_data_and_settings(tiny_model_dir, chat_data, tmp_path):
+    out = tmp_path / "run"
+    run(tiny_model_dir, chat_data, out, max_steps=2)
+    other = tmp_path / "other.jsonl"
+    lines = chat_data.read_text().splitlines()
+    other.write_text("\n".join(lines[1:] + lines[:1]) + "\n")  # the same records, another order: other content
+    with pytest.raises(ValueError, match="data_sha256: saved"):
+        run(tiny_model_dir, other, out, max_steps=2, resume=True)
+    with pytest.raises(ValueError, match=r"learning_rate: saved 0\.001, now 0\.002.*resume_changes=\['learning_rate'\]"):
+        run(tiny_model_dir, chat_data, out, max_steps=2, resume=True, learning_rate=2e-3)
+    with pytest.raises(ValueError, match=r"weight_decay: saved 0\.0, now 0\.1\. Otherwise"):  # not changeable
+        run(tiny_model_dir, chat_data, out, max_steps=2, resume=True, weight_decay=0.1)
+    assert [r["step"] for r in records(out)] == [1, 2]  # nothing was touched by the refused resumes
+
+
+def test_asked_changes_are_applied_and_the_schedule_continues(tiny_model_dir, chat_data, tmp_path):
+    out = tmp_path / "run"
+    run(tiny_model_dir, chat_data, out, max_steps=3, lr_scheduler="constant")
+    done = run(tiny_model_dir, chat_data, out, max_steps=6, resume=True, lr_scheduler="constant",
+               learning_rate=5e-4, resume_changes=["max_steps", "learning_rate"])
+    assert done.metrics["steps"] == 6
+    lrs = [r["lr"] for r in records(out)]
+    assert lrs == pytest.approx([1e-3] * 3 + [5e-4] * 3)  # never a step at lr 0; the new rate from step 4
+
+
+def test_resume_without_a_state_never_adopts_another_run(tiny_model_dir, chat_data, tmp_path):
+    out = tmp_path / "run"
+    run(tiny_model_dir, chat_data, out, max_steps=1)
+    for state in (out / "state").iterdir():  # a run that kept checkpoints but no training state
+        __import__("shutil").rmtree(state)
+    with pytest.raises(ExistingRunError, match="no complete training state"):
+        run(tiny_model_dir, chat_data, out, max_steps=2, resume=True)
+    assert sorted(p.name for p in (out / "hf_format").iterdir()) == ["samples_8"]
+
+
+def test_resume_changes_is_checked():
+    from training_hub import ParameterError
+
+    with pytest.raises(ParameterError, match="resume_changes: seed cannot change on resume"):
+        sft("m", "d.jsonl", "o", resume=True, resume_changes=["seed"])
+    with pytest.raises(ParameterError, match="resume_changes: only means something with resume=True"):
+        sft("m", "d.jsonl", "o", resume_changes=["learning_rate"])
