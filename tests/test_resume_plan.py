@@ -70,3 +70,15 @@ def test_resume_changes_is_checked():
         sft("m", "d.jsonl", "o", resume=True, resume_changes=["seed"])
     with pytest.raises(ParameterError, match="resume_changes: only means something with resume=True"):
         sft("m", "d.jsonl", "o", resume_changes=["learning_rate"])
+
+
+def test_settings_that_cannot_work_as_meant_are_named_before_training(tiny_model_dir, chat_data, tmp_path, caplog):
+    import logging
+
+    with pytest.raises(ValueError, match=r"validation_split=0\.99 of 48 sample\(s\) leaves no training sample"):
+        run(tiny_model_dir, chat_data, tmp_path / "a", validation_split=0.99)
+    with caplog.at_level(logging.WARNING, logger="training_hub"):
+        run(tiny_model_dir, chat_data, tmp_path / "b", effective_batch_size=64, warmup_steps=5, num_epochs=1)
+    text = caplog.text
+    assert "warmup_steps=5 is not below the run's 1 optimizer steps" in text
+    assert "effective_batch_size=64 is larger than the 48 training samples" in text

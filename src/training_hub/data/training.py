@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -64,7 +65,11 @@ def prepare_training_data(config: Any, tokenizer: Any, root: Path, verbose: bool
     if config.validation_data_path:
         validation = prepare(config.validation_data_path, "validation").dataset
     elif config.validation_split > 0:
-        split = train.train_test_split(test_size=config.validation_split, seed=config.seed, shuffle=True)
+        held = math.ceil(len(train) * config.validation_split)  # as datasets' train_test_split rounds
+        if held >= len(train):
+            raise ValueError(f"validation_split={config.validation_split} of {len(train)} sample(s) leaves no "
+                             "training sample; lower validation_split or give validation_data_path")
+        split = train.train_test_split(test_size=held, seed=config.seed, shuffle=True)
         train, validation = split["train"], split["test"]
     if len(train) == 0:
         raise ValueError(f"data_path {config.data_path}: no training samples left after preparation")

@@ -223,6 +223,13 @@ def total_steps(config: Any, num_samples: int) -> tuple[int, int]:
         total = min(total, config.max_steps)
     build_scheduler(torch.optim.SGD([torch.zeros(1)], lr=1.0), name=config.lr_scheduler,
                     warmup_steps=config.warmup_steps, total_steps=total, scheduler_kwargs=config.lr_scheduler_kwargs)
+    if config.warmup_steps >= total:
+        logger.warning("warmup_steps=%d is not below the run's %d optimizer steps: the learning rate never reaches "
+                       "learning_rate=%g (lower warmup_steps)", config.warmup_steps, total, config.learning_rate)
+    if config.effective_batch_size > num_samples:
+        logger.warning("effective_batch_size=%d is larger than the %d training samples: every optimizer step takes "
+                       "the whole data set, %d step(s) per epoch", config.effective_batch_size, num_samples,
+                       steps_per_epoch)
     return steps_per_epoch, total
 
 
