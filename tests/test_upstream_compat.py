@@ -193,5 +193,5 @@ def test_an_upstream_style_script_runs_unchanged(tmp_path, tiny_model_dir):
     assert [x for x in lines if x.startswith("[BEGIN]")] == ["[BEGIN] main=True"]  # rank 0 only
     assert [int(x.split()[1].split("=")[1]) for x in lines if x.startswith("[LOG]")] == steps
     assert "[END] step=4" in lines
-    assert f"CHECKPOINT {out / 'hf_format' / 'samples_32'} PROCESSES 2" in lines
+    assert f"CHECKPOINT {out / 'hf_format' / 'samples_32.0'} PROCESSES 2" in lines  # upstream OSFT's name
     assert f"PLOT {out / 'loss_plot.png'}" in lines and Path(out / "loss_plot.png").stat().st_size > 5000

@@ -70,6 +70,37 @@ def check_model(config: Any, algorithm: str) -> None:
                         trust_remote_code=bool(getattr(config, "trust_remote_code", False)))
 
 
+def add_lora_models(result: Any, config: Any) -> Any:
+    """``result["model"]`` and ``result["tokenizer"]``, as upstream ``lora_sft()``'s result has them, loaded from
+    disk on first access (a caller who never asks loads nothing): with ``merge=True`` the merged checkpoint, else
+    the base model with the trained adapter (a ``peft.PeftModel``); the tokenizer saved with it. On the CPU, in the
+    stored dtype (``.to("cuda")`` to move it). Nothing is added when no checkpoint was saved."""
+    merged = result.extra.get("merged_path")
+    path = merged or result.checkpoint_path
+    if not path:
+        return result
+    trust = bool(getattr(config, "trust_remote_code", False))
+
+    def model():
+        from transformers import AutoModelForCausalLM
+
+        if merged:
+            return AutoModelForCausalLM.from_pretrained(path, dtype="auto", trust_remote_code=trust)
+        from peft import PeftModel
+
+        base = AutoModelForCausalLM.from_pretrained(str(config.model_path), dtype="auto", trust_remote_code=trust)
+        return PeftModel.from_pretrained(base, path)
+
+    def tokenizer():
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(path, trust_remote_code=trust)
+
+    result.set_lazy("model", model)
+    result.set_lazy("tokenizer", tokenizer)
+    return result
+
+
 class BuiltinBackend(Backend):
     """A backend shipped with training_hub. Subclasses set ``name``/``algorithm``, ``config_class()``,
     ``refusals()`` (what they cannot take) and ``run(config, given, options)`` (the training)."""

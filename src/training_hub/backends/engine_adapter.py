@@ -114,7 +114,7 @@ def engine_module(package: str, relative: str) -> Any:
 def torchrun_fields(config) -> dict[str, Any]:
     """Our distributed parameters (with cluster ``PET_*`` values, see ``config.processes``) as the engine's TorchrunArgs
     fields. ``nproc_per_node='auto'`` stays torchrun's ``'gpu'``: one process per GPU of the node."""
-    auto = config.nproc_per_node == "auto" and not os.environ.get("PET_NPROC_PER_NODE")
+    auto = config.nproc_per_node in ("auto", "gpu") and not os.environ.get("PET_NPROC_PER_NODE")
     plan = launch_plan(dataclasses.replace(config, nproc_per_node=1) if auto else config)
     return {"nproc_per_node": "gpu" if auto else plan.nproc_per_node, "nnodes": plan.nnodes,
             "node_rank": plan.node_rank, "rdzv_id": plan.rdzv_id or "training_hub",

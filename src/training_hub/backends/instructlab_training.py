@@ -24,7 +24,8 @@ How our parameters map (``TrainingArgs`` field in brackets):
   cosine, ``lr_scheduler_kwargs``, ``max_grad_norm`` other than 1.0, ``dtype='float32'``, ``max_steps``,
   ``resume``, ``keep_last_n_checkpoints`` > 1, ``strategy='ddp'``, ``gradient_checkpointing=False``,
   ``validation_data_path``, ``validation_split`` without ``eval_steps``.
-* Other ``TrainingArgs`` fields (e.g. ``disable_flash_attn``, ``fsdp_options``) are engine options: accepted
+* ``fsdp_options`` (a dict or ``FSDPOptions``) [fsdp_options], over the sharding ``strategy`` gives.
+* Other ``TrainingArgs`` fields (e.g. ``disable_flash_attn``, ``deepspeed_options``) are engine options: accepted
   with this backend only, passed through as given (see ``passthrough_params``).
 """
 
@@ -35,6 +36,7 @@ from typing import Any, Dict
 from training_hub.backends.engine_adapter import EngineAdapter, EngineData, Rules, torchrun_fields
 from training_hub.backends.engine_events import TrainingHubEvents
 from training_hub.config.algorithms import SFTConfig
+from training_hub.config.groups import fsdp_options_dict
 
 NAME = "instructlab-training"
 
@@ -98,8 +100,14 @@ def instructlab_training_args(config, data: EngineData, given: frozenset[str] | 
         distributed_backend=DistributedBackend.FSDP,
         callbacks=[TrainingHubEvents()],
     )
-    if "strategy" in given and config.strategy == "fsdp2":
-        fields["fsdp_options"] = FSDPOptions(sharding_strategy=ShardingStrategies.FULL_SHARD)
+    fsdp: Dict[str, Any] = ({"sharding_strategy": ShardingStrategies.FULL_SHARD}
+                            if "strategy" in given and config.strategy == "fsdp2" else {})
+    if isinstance(config.fsdp_options, FSDPOptions):  # the engine's own object, as upstream scripts pass it
+        fields["fsdp_options"] = config.fsdp_options
+    else:
+        fsdp.update({k: v for k, v in (fsdp_options_dict(config.fsdp_options) or {}).items() if v is not None})
+        if fsdp:
+            fields["fsdp_options"] = FSDPOptions(**fsdp)
     if config.is_pretraining and data.pretokenized:
         fields["pretraining_config"] = PretrainingConfig(block_size=config.block_size or config.max_seq_len,
                                                          document_column_name=config.document_column_name)

@@ -36,6 +36,7 @@ from typing import Any, Dict
 from training_hub.backends.engine_adapter import EngineAdapter, EngineData, Rules, torchrun_fields
 from training_hub.backends.engine_events import TrainingHubEvents
 from training_hub.config.algorithms import OSFTConfig, SFTConfig
+from training_hub.config.groups import fsdp_cpu_offload
 
 NAME = "mini-trainer"
 
@@ -55,6 +56,7 @@ RULES: Rules = {
               "mini-trainer's bfloat16 mode keeps the weights themselves in bfloat16 (no float32 master copy); "
               "leave dtype out for its float32 weights with mixed-precision compute"),
     "strategy": (lambda v, c: v == "fsdp2", "mini-trainer always shards the model with FSDP2"),
+    "fsdp_options": (lambda v, c: not fsdp_cpu_offload(v), "mini-trainer has no CPU offload setting"),
     "resume": (lambda v, c: not v, "resuming a run is not wired into the mini-trainer adapter"),
     "keep_last_n_checkpoints": (lambda v, c: v is None, "mini-trainer keeps every checkpoint"),
     "freeze_non_targets": (lambda v, c: not v, "mini-trainer trains every non-target parameter"),

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, ClassVar, Dict
 
-from training_hub.backends.common import BuiltinBackend, availability_of, qlora_problems
+from training_hub.backends.common import BuiltinBackend, add_lora_models, availability_of, qlora_problems
 from training_hub.config.algorithms import DPOConfig, LoRASFTConfig, OSFTConfig, SFTConfig
 from training_hub.config.processes import in_torchrun_worker, process_count
 from training_hub.registry import Availability
@@ -86,7 +86,7 @@ class NativeLoRASFTBackend(NativeSFTBackend):
                                        trust_remote_code=config.trust_remote_code))
             result.metrics["merged_path"] = merged
             result.extra["merged_path"] = merged
-        return result
+        return add_lora_models(result, config)
 
 
 class NativeDPOBackend(NativeSFTBackend):

@@ -33,9 +33,12 @@ import time
 from pathlib import Path
 from typing import Any, ClassVar, Dict
 
-from training_hub.backends.common import BuiltinBackend, availability_of, missing_modules, qlora_problems
+from training_hub.backends.common import (
+    BuiltinBackend, add_lora_models, availability_of, missing_modules, qlora_problems,
+)
 from training_hub.backends.trl_bridge import hub_bridge
 from training_hub.config.algorithms import DPOConfig, LoRASFTConfig, SFTConfig
+from training_hub.config.groups import fsdp_cpu_offload
 from training_hub.config.processes import in_torchrun_worker, process_count
 from training_hub.registry import Availability
 
@@ -67,6 +70,9 @@ def _unsupported(config, algorithm: str) -> list[str]:
                         "processes launch your script with torchrun (or use backend='native')")
     if config.strategy != "ddp":
         problems.append(f"strategy: {config.strategy!r} is not wired into the trl backend (use backend='native')")
+    if fsdp_cpu_offload(config.fsdp_options):
+        problems.append("fsdp_options: CPU offload is not wired into the trl backend (use backend='native' with "
+                        "strategy='fsdp2')")
     if config.save_samples and config.checkpoint_at_epoch:
         problems.append("save_samples/checkpoint_at_epoch: the trl backend saves either every N samples or at "
                         "every epoch, not both")
@@ -494,13 +500,13 @@ class TRLLoRASFTBackend(TRLSFTBackend):
             merged = merge_adapter(path, root / MERGED_DIR)
             result.metrics["merged_path"] = str(merged)
             result.extra["merged_path"] = str(merged)
-        return result
+        return add_lora_models(result, config)
 
 
 def _target_modules(names):
-    if names is None:
-        return None  # PEFT's default for the architecture
-    return names[0] if names == ["all-linear"] else list(names)
+    if names is None or names == ["all-linear"]:
+        return "all-linear"  # upstream's default: every linear projection except the output layer
+    return list(names)
 
 
 # ------------------------------------------------------------------------------------------------ DPO

@@ -70,8 +70,8 @@ class LoRAParams(DeclaredConfig):
     lora_alpha: float = param(32.0, "LoRA scaling numerator: the update is scaled by lora_alpha / lora_r.", gt=0.0)
     lora_dropout: float = param(0.0, "Dropout on the LoRA input during training.", ge=0.0, lt=1.0)
     target_modules: Optional[list[str]] = param(
-        None, "Module names to adapt, e.g. ['q_proj', 'v_proj'] or ['all-linear'] (None: PEFT's default for the "
-              "architecture).")
+        None, "Module names to adapt, e.g. ['q_proj', 'v_proj'] (None: every linear projection except the output "
+              "layer, PEFT's 'all-linear', as upstream's default).")
     use_dora: bool = param(False, "Weight-decomposed LoRA (DoRA): also learn a magnitude per output feature.")
     load_in_4bit: bool = param(False, "QLoRA: load the frozen base model in 4-bit NF4 (needs CUDA and bitsandbytes).")
     merge: bool = param(False, "After training, also write the base model with the adapter merged in.")
@@ -79,7 +79,7 @@ class LoRAParams(DeclaredConfig):
     def checks(self) -> list[str]:
         problems = super().checks()
         if self.target_modules is not None and not self.target_modules:
-            problems.append("target_modules: an empty list adapts nothing (use None for PEFT's default)")
+            problems.append("target_modules: an empty list adapts nothing (use None for every linear projection)")
         return problems
 
 
@@ -180,6 +180,14 @@ class LoRAUpstreamParams(DeclaredConfig):
     save_model: Optional[bool] = param(
         None, "Upstream: False skips saving the model (becomes save_final_checkpoint).",
         upstream=translated("save_final_checkpoint", lambda c: bool(c.save_model)))
+    eval_data_path: Optional[str] = param(
+        None, "Upstream name of validation_data_path (used when validation_data_path is not given).",
+        upstream=translated("validation_data_path", lambda c: c.eval_data_path))
+    per_device_eval_batch_size: Optional[int] = param(
+        None, "Upstream: samples per device in an evaluation batch (ignored, with a warning: validation batches are "
+              "cut by max_tokens_per_gpu, as training micro-batches are).", gt=0,
+        upstream=ignored("validation batches are cut by max_tokens_per_gpu like the training micro-batches (an "
+                         "evaluation batch size changes memory and speed, not what is evaluated)", _given))
 
 
 @dataclass(kw_only=True)

@@ -8,9 +8,9 @@ Cross-field rules live in each group's ``checks()``; they chain through ``super(
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal, Optional, Union
+from typing import Any, Literal, Optional, Union
 
-from training_hub.config.declare import DeclaredConfig, ignored, param, translated
+from training_hub.config.declare import DeclaredConfig, closest, ignored, param, translated
 
 
 # What a resumed run may change when the caller lists it in resume_changes (see engine/run.py).
@@ -40,9 +40,10 @@ class ModelIOParams(DeclaredConfig):
 
     def checks(self) -> list[str]:
         problems = super().checks()
-        if self.validation_data_path and self.validation_split > 0:
+        validation_path = self.validation_data_path or getattr(self, "eval_data_path", None)  # lora_sft's upstream name
+        if validation_path and self.validation_split > 0:
             problems.append("validation_split: give either validation_data_path or validation_split, not both")
-        if (self.eval_steps or self.validation_frequency) and not (self.validation_data_path or self.validation_split > 0):
+        if (self.eval_steps or self.validation_frequency) and not (validation_path or self.validation_split > 0):
             problems.append("eval_steps: needs validation data (validation_data_path or validation_split > 0)")
         return problems
 
@@ -184,11 +185,44 @@ class LoggingParams(DeclaredConfig):
         return problems
 
 
+FSDP_OPTION_KEYS = ("cpu_offload_params", "sharding_strategy")
+
+
+def fsdp_options_dict(value: Any) -> dict[str, Any] | None:
+    """``fsdp_options`` as a plain (JSON-able) dict: from a dict, or from an object with those attributes, such as
+    upstream's ``instructlab.training.FSDPOptions``. A ``ValueError`` says what is wrong with anything else."""
+    if value is None:
+        return None
+    if isinstance(value, dict):
+        items = dict(value)
+    elif any(hasattr(value, key) for key in FSDP_OPTION_KEYS):
+        items = {key: getattr(value, key) for key in FSDP_OPTION_KEYS if hasattr(value, key)}
+    else:
+        raise ValueError(f"expected a dict or an FSDPOptions object (with cpu_offload_params), got "
+                         f"{type(value).__name__}")
+    unknown = sorted(set(items) - set(FSDP_OPTION_KEYS))
+    if unknown:
+        raise ValueError(f"unknown option(s) {', '.join(map(repr, unknown))}; known: {', '.join(FSDP_OPTION_KEYS)}")
+    if not isinstance(items.get("cpu_offload_params", False), bool):
+        raise ValueError(f"cpu_offload_params must be True or False, got {items['cpu_offload_params']!r}")
+    strategy = items.get("sharding_strategy")
+    if strategy is not None:
+        items["sharding_strategy"] = str(getattr(strategy, "value", strategy))  # an enum member -> its name
+    return items
+
+
+def fsdp_cpu_offload(value: Any) -> bool:
+    """Whether ``fsdp_options`` asks for FSDP CPU offload (``cpu_offload_params=True``)."""
+    return bool((fsdp_options_dict(value) or {}).get("cpu_offload_params"))
+
+
 @dataclass(kw_only=True)
 class DistributedParams(DeclaredConfig):
     group_title = "Distributed (torchrun)"
 
-    nproc_per_node: Union[int, Literal["auto"]] = param(1, "Processes per node (an int, or 'auto' = one per GPU, 1 on CPU).")
+    nproc_per_node: Union[int, str] = param(
+        1, "Processes per node: an int (or its string, e.g. '2', as torchrun takes it), or 'auto' / 'gpu' = one per "
+           "GPU, 1 on CPU.")
     nnodes: int = param(1, "Number of nodes.", gt=0)
     node_rank: int = param(0, "Rank of this node.", ge=0)
     rdzv_id: Optional[Union[int, str]] = param(None, "Rendezvous id shared by all nodes of a run.")
@@ -196,11 +230,26 @@ class DistributedParams(DeclaredConfig):
     master_addr: Optional[str] = param(None, "Address of the rank-0 node.")
     master_port: Optional[int] = param(None, "Port of the rank-0 node.", gt=0, lt=65536)
     strategy: Literal["ddp", "fsdp2"] = param("ddp", "Data parallel strategy: DDP, or FSDP2 (fully_shard per decoder layer).")
+    fsdp_options: Optional[Union[dict[str, Any], Any]] = param(
+        None, "FSDP options as upstream passes them: a dict, or an FSDPOptions object (instructlab.training's; any "
+              "object with cpu_offload_params). cpu_offload_params=True keeps parameters, gradients and optimizer "
+              "state in CPU memory under strategy='fsdp2' (native); sharding_strategy is instructlab-training's "
+              "(native FSDP2 always shards fully).")
 
     def checks(self) -> list[str]:
         problems = super().checks()
-        if isinstance(self.nproc_per_node, int) and self.nproc_per_node < 1:
-            problems.append(f"nproc_per_node: must be >= 1 or 'auto', got {self.nproc_per_node}")
+        nproc = self.nproc_per_node
+        if isinstance(nproc, str) and nproc not in ("auto", "gpu") and not nproc.strip().isdigit():
+            hint = closest(nproc, ["auto", "gpu"])
+            problems.append(f"nproc_per_node: expected a whole number, 'auto' or 'gpu', got {nproc!r}"
+                            + (f"; did you mean {hint!r}?" if hint else ""))
+        elif not isinstance(nproc, str) or nproc.strip().isdigit():
+            if int(nproc) < 1:
+                problems.append(f"nproc_per_node: must be >= 1 or 'auto', got {nproc!r}")
         if self.node_rank >= self.nnodes:
             problems.append(f"node_rank: must be < nnodes ({self.nnodes}), got {self.node_rank}")
+        try:
+            fsdp_options_dict(self.fsdp_options)
+        except ValueError as exc:
+            problems.append(f"fsdp_options: {exc}")
         return problems

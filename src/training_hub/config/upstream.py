@@ -6,7 +6,8 @@ unchanged. Each upstream-only name is declared once, on its parameter (``param(.
 This module holds only what happens to those names, for the built-in algorithms:
 
 * :func:`upstream_call` -- before validation: ``None`` means "the default" (upstream functions default every
-  optional parameter to ``None``), ``nproc_per_node='gpu'`` means ``'auto'``, one callback becomes a list.
+  optional parameter to ``None``), ``nproc_per_node='gpu'`` means ``'auto'``, one callback becomes a list, an
+  ``FSDPOptions`` object becomes a dict.
 * :func:`fold_translated` -- after validation: a translated name sets its target when the target was not given.
 * :func:`warn_ignored` -- once the backend is known: each ignored name produces one
   :class:`UpstreamParameterWarning` that says why, unless that backend gives it effect.
@@ -23,6 +24,7 @@ import warnings
 from typing import Any
 
 from training_hub.config.declare import ParameterError, param_specs
+from training_hub.config.groups import fsdp_options_dict
 
 
 class UpstreamParameterWarning(UserWarning):
@@ -43,6 +45,11 @@ def upstream_call(params: dict[str, Any], config_class: type) -> dict[str, Any]:
             continue  # upstream: None = use the default
         if name == "nproc_per_node" and value == "gpu":
             value = "auto"
+        if name == "fsdp_options" and value is not None and not isinstance(value, dict):
+            try:  # an FSDPOptions object becomes a plain dict (it travels to launched workers as JSON)
+                value = fsdp_options_dict(value)
+            except ValueError:
+                pass  # validation reports it
         if name == "callbacks" and value is not None and not isinstance(value, (list, tuple)):
             value = [value]
         out[name] = value

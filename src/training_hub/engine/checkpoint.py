@@ -3,6 +3,7 @@
 Layout under ``ckpt_output_dir``::
 
     hf_format/samples_<N>/   config, safetensors weights, tokenizer + chat template, generation config
+                             (OSFT: ``samples_<N>.0``, as upstream's OSFT engine names them; both are read)
     state/step_<S>/          model.pt, optimizer.pt, scheduler.pt, rng.pt, trainer_state.json (written last)
     metrics.jsonl
 
@@ -21,6 +22,7 @@ import json
 import logging
 import pickle
 import random
+import re
 import shutil
 from pathlib import Path
 
@@ -48,8 +50,11 @@ def remove_temporaries(root: Path) -> None:
 
 
 def save_hf_checkpoint(model, tokenizer, root: Path, samples_seen: int, save_dtype: torch.dtype | None = None,
-                       state_dict: dict | None = None, save_model=None) -> Path:
+                       state_dict: dict | None = None, save_model=None, float_name: bool = False) -> Path:
     """Write a checkpoint that plain ``transformers`` loads, as ``hf_format/samples_<N>``; return its path.
+
+    ``float_name``: name it ``samples_<N>.0`` instead, as upstream's OSFT engine (mini-trainer, which counts
+    samples as a float) does, so scripts that glob ``hf_format/samples_*.0`` find it.
 
     ``save_dtype`` is the dtype to store the weights in (the dtype of the model we started from); the trained
     fp32 weights are cast on the way out, the model itself is not touched. ``state_dict`` replaces the model's
@@ -57,7 +62,7 @@ def save_hf_checkpoint(model, tokenizer, root: Path, samples_seen: int, save_dty
     state_dict)``, when given and it returns True, has written the model part itself (``TrainingMethod.save_model``,
     e.g. a LoRA adapter); the tokenizer is saved either way.
     """
-    final = root / HF_DIR / f"samples_{samples_seen}"
+    final = root / HF_DIR / checkpoint_name(samples_seen, float_name)
     with atomic_directory(final) as tmp:
         if save_model is None or not save_model(model, tmp, save_dtype, state_dict):
             _save_full_model(model, tmp, save_dtype, state_dict)
@@ -77,10 +82,25 @@ def _save_full_model(model, directory: Path, save_dtype: torch.dtype | None, sta
         config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
+_CHECKPOINT_NAME = re.compile(r"samples_(\d+)(?:\.0)?")
+
+
+def checkpoint_name(samples_seen: int, float_name: bool = False) -> str:
+    """``samples_<N>``, or ``samples_<N>.0`` (upstream OSFT's name) with ``float_name``."""
+    return f"samples_{int(samples_seen)}{'.0' if float_name else ''}"
+
+
+def checkpoint_samples(path: Path | str) -> int | None:
+    """The sample count in a checkpoint directory's name (``samples_<N>`` or ``samples_<N>.0``); None otherwise."""
+    match = _CHECKPOINT_NAME.fullmatch(Path(path).name)
+    return int(match.group(1)) if match else None
+
+
 def hf_checkpoints(root: Path) -> list[Path]:
-    """Complete HF checkpoints, oldest first (by samples seen)."""
+    """Complete HF checkpoints, oldest first (by samples seen); ``samples_<N>`` and ``samples_<N>.0`` alike."""
     paths = (root / HF_DIR).glob("samples_*") if (root / HF_DIR).is_dir() else ()
-    return sorted((p for p in paths if p.name.split("_")[-1].isdigit()), key=lambda p: int(p.name.split("_")[-1]))
+    found = [(checkpoint_samples(p), p.name, p) for p in paths if p.is_dir() and checkpoint_samples(p) is not None]
+    return [p for _, _, p in sorted(found)]
 
 
 def prune_hf_checkpoints(root: Path, keep: int | None) -> None:

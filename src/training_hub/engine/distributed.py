@@ -89,11 +89,21 @@ def teardown(ranks: Ranks) -> None:
         dist.destroy_process_group()
 
 
-def wrap_model(model: torch.nn.Module, ranks: Ranks, device: torch.device) -> torch.nn.Module:
+def wrap_model(model: torch.nn.Module, ranks: Ranks, device: torch.device,
+               cpu_offload: bool = False) -> torch.nn.Module:
     """The module the loop calls: the model itself (one process), DDP around it, or the model made FSDP2 in place.
 
     Call after the model is complete (OSFT's decomposition included) and before the optimizer is built.
+    ``cpu_offload`` (``fsdp_options={"cpu_offload_params": True}``): FSDP2 keeps the parameter shards, their
+    gradients and so the optimizer state in CPU memory (``CPUOffloadPolicy``), copying each layer to the device
+    for its forward and backward; without FSDP2 (one process, or DDP) it has no effect, with a warning.
     """
+    if cpu_offload and not ranks.fsdp and ranks.is_main:
+        import warnings
+
+        why = ("the run has one process" if not ranks.distributed else
+               f"strategy={ranks.strategy!r} (CPU offload needs strategy='fsdp2')")
+        warnings.warn(f"fsdp_options cpu_offload_params=True has no effect: {why}", UserWarning, stacklevel=3)
     if not ranks.distributed:
         return model
     if ranks.strategy == "ddp":
@@ -107,17 +117,19 @@ def wrap_model(model: torch.nn.Module, ranks: Ranks, device: torch.device) -> to
         return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
                                        **no_buffer_sync)
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.fsdp import CPUOffloadPolicy, fully_shard
 
     mesh = init_device_mesh(device.type, (ranks.world_size,))
+    # Pinned host memory makes the copies asynchronous; it needs CUDA.
+    offload = {"offload_policy": CPUOffloadPolicy(pin_memory=device.type == "cuda")} if cpu_offload else {}
     layer_classes = set(getattr(model, "_no_split_modules", None) or ())
     layers = [m for m in model.modules() if type(m).__name__ in layer_classes]
     if not layers:
         raise ValueError(f"strategy='fsdp2': cannot find the decoder layers of {type(model).__name__} "
                          "(no _no_split_modules); use strategy='ddp'")
     for layer in layers:
-        fully_shard(layer, mesh=mesh)
-    fully_shard(model, mesh=mesh)
+        fully_shard(layer, mesh=mesh, **offload)
+    fully_shard(model, mesh=mesh, **offload)
     return model
 
 

@@ -49,8 +49,10 @@ class LoRAMethod(TrainingMethod):
         from peft import LoraConfig
 
         targets = self.target_modules
-        if targets is not None:
-            targets = targets[0] if targets == ["all-linear"] else list(targets)
+        if targets is None or targets == ["all-linear"]:  # upstream's default: every linear projection
+            targets = "all-linear"
+        else:
+            targets = list(targets)
         alpha = int(self.alpha) if float(self.alpha).is_integer() else self.alpha
         return LoraConfig(r=self.r, lora_alpha=alpha, lora_dropout=self.dropout, target_modules=targets,
                           use_dora=self.use_dora, bias="none", task_type="CAUSAL_LM",

@@ -13,6 +13,9 @@ from typing import Any
 class TrainingMethod:
     """Hooks of the native loop, in the order it calls them."""
 
+    # Name HF checkpoints ``samples_<N>.0`` (upstream's OSFT engine) instead of ``samples_<N>``.
+    float_checkpoint_names = False
+
     def prepare_model(self, model) -> None:
         """After the model is loaded, before the optimizer is built (and before a training state is restored)."""
 

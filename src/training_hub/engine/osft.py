@@ -16,6 +16,8 @@ logger = logging.getLogger(__name__)
 class OSFTMethod(TrainingMethod):
     """Decompose the targets once, keep every step orthogonal to the frozen subspace, save dense weights."""
 
+    float_checkpoint_names = True  # hf_format/samples_<N>.0, as upstream's OSFT engine names them
+
     def __init__(self, *, unfreeze_rank_ratio: float, target_patterns: list[str] | None,
                  freeze_non_targets: bool):
         self.unfreeze_rank_ratio = unfreeze_rank_ratio

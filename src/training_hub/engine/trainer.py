@@ -19,6 +19,7 @@ from typing import Any, Callable
 
 import torch
 
+from training_hub.config.groups import fsdp_cpu_offload
 from training_hub.config.processes import in_torchrun_worker, launch_plan
 from training_hub.data.sources import fingerprint
 from training_hub.data.training import TrainingData, prepare_training_data
@@ -132,7 +133,8 @@ class SFTRecipe:
         weights = method.export_state_dict(raw) if gathered is None else (
             method.export_state_dict(raw, gathered) or gathered)
         return ckpt.save_hf_checkpoint(raw, self.tokenizer, self.root, samples_seen, self.save_dtype,
-                                       state_dict=weights, save_model=method.save_model)
+                                       state_dict=weights, save_model=method.save_model,
+                                       float_name=method.float_checkpoint_names)
 
     def save_state(self, progress: dict) -> None:
         model_state, optimizer_state = distributed.full_training_state(self.model, self.optimizer, self.ranks)
@@ -177,7 +179,8 @@ def train_sft(config: Any, method: TrainingMethod | None = None) -> TrainingResu
 
         raw, save_dtype = load_model(config, device)
         method.prepare_model(raw)
-        model = distributed.wrap_model(raw, ranks, device)  # what the loop calls: raw, DDP(raw) or raw made FSDP2
+        model = distributed.wrap_model(raw, ranks, device,  # what the loop calls: raw, DDP(raw) or raw made FSDP2
+                                       cpu_offload=fsdp_cpu_offload(getattr(config, "fsdp_options", None)))
         trainable = [p for p in raw.parameters() if p.requires_grad]
         optimizer, scheduler = optimizer_and_scheduler(config, trainable, total)
         recipe = SFTRecipe(config, method=method, ranks=ranks, device=device, autocast=autocast, data=data,
