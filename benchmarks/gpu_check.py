@@ -1,0 +1,177 @@
+"""One command for a CUDA machine: does the native engine train there, how fast, in how much memory.
+
+    python benchmarks/gpu_check.py                 # CUDA: the runs below; no CUDA: says so, does the dry run, exits 0
+    python benchmarks/gpu_check.py --dry-run-only  # only the 8B memory budget on the meta device (any machine)
+    python benchmarks/gpu_check.py --quick         # fewer steps, a smaller generated model
+
+On CUDA, on a generated ~1B-parameter Llama-style model (built offline by ``make_tiny_model``; no download):
+
+* sft, osft, lora_sft and dpo on one GPU with the defaults (``dtype="auto"``: bf16 autocast, fp32 master
+  weights), a few optimizer steps each: tokens/s, model-FLOPs utilisation against the bf16 matmul peak measured
+  in the same run, peak memory (``torch.cuda.max_memory_allocated``);
+* the packed-attention self-check's error (a packed sample's logits against its logits alone);
+* with more than one GPU, sft under DDP and under FSDP2 on all of them (``nproc_per_node``).
+
+Everywhere, the 8B dry run: Llama-3-8B's shapes built on the meta device (no memory, no weights), its exact
+parameter count, and the per-GPU memory the engine's current policy needs (fp32 master weights, fp32 gradients,
+AdamW's two fp32 moments; activations and logits by formula) for 1 x H200 and 8 x H100 under DDP and FSDP2. The
+activation and logit figures are estimates from the shapes, not measurements; the GPU runs measure.
+
+The last line printed is machine-readable JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from sft_throughput import matmul_peak, synthetic_chats  # noqa: E402  (the same data and peak as the CPU bench)
+
+GIB = 2**30
+LLAMA3_8B = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                 num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192, tie_word_embeddings=False)
+GPUS = {"1x H200": (1, 141), "8x H100": (8, 80)}
+
+
+def dry_run(tokens_per_gpu: int = 16384, vocab_fraction_with_loss: float = 1.0) -> dict:
+    """Llama-3-8B on the meta device: parameters, and the per-GPU bytes the engine's current policy needs."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    config = LlamaConfig(**LLAMA3_8B)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    params = sum(p.numel() for p in model.parameters())
+    h, i = config.hidden_size, config.intermediate_size
+    head_dim = h // config.num_attention_heads
+    kv = config.num_key_value_heads * head_dim  # width of k and of v
+    # Saved activations per token per layer in bf16 (inputs of every matmul, norms, SwiGLU), no recomputation.
+    per_token_layer = 2 * (6 * h + 2 * kv + 4 * i)
+    activations = per_token_layer * config.num_hidden_layers * tokens_per_gpu
+    logits = int(10 * tokens_per_gpu * vocab_fraction_with_loss * config.vocab_size)  # bf16 + fp32 + grad
+    state = {"weights_fp32": 4 * params, "grads_fp32": 4 * params, "adamw_fp32": 8 * params,
+             "bf16_weight_copies": 2 * params}  # autocast's casts, held for the backward
+    budgets = {}
+    for name, (count, memory_gib) in GPUS.items():
+        for strategy in ("single", "ddp", "fsdp2"):
+            if (count == 1) != (strategy == "single"):
+                continue
+            shard = count if strategy == "fsdp2" else 1
+            ddp_buckets = 4 * params if strategy == "ddp" else 0  # gradient buckets beside the gradients
+            total = (sum(state.values()) // shard + ddp_buckets + activations + logits)
+            budgets[f"{name} {strategy}"] = {"per_gpu_gib": round(total / GIB, 1), "gpu_gib": memory_gib,
+                                             "fits": total / GIB < memory_gib * 0.95}
+    return {"model": "Llama-3-8B shapes (meta device)", "parameters": params, "head_dim": head_dim,
+            "tokens_per_gpu": tokens_per_gpu, "bytes": {**state, "activations_est": activations, "logits_est": logits},
+            "activation_bytes_per_token_est": per_token_layer * config.num_hidden_layers, "budgets": budgets}
+
+
+def print_dry_run(result: dict) -> None:
+    print(f"\n8B dry run: {result['parameters'] / 1e9:.2f}B parameters, {result['tokens_per_gpu']} tokens per GPU "
+          f"micro-batch (activations ~{result['activation_bytes_per_token_est'] / 2**20:.1f} MiB/token, estimate)")
+    for key, value in result["bytes"].items():
+        print(f"  {key:22s} {value / GIB:8.1f} GiB")
+    for name, budget in result["budgets"].items():
+        verdict = "fits" if budget["fits"] else "does NOT fit"
+        print(f"  {name:18s} {budget['per_gpu_gib']:8.1f} GiB per GPU of {budget['gpu_gib']} GiB: {verdict}")
+
+
+def generated_model(root: Path, quick: bool) -> Path:
+    from training_hub.tiny import make_tiny_model
+
+    sizes = dict(hidden_size=1024, num_layers=8, num_heads=8, num_kv_heads=4, intermediate_size=2816) if quick \
+        else dict(hidden_size=2048, num_layers=16, num_heads=16, num_kv_heads=8, intermediate_size=5632)
+    return make_tiny_model(root / "model", arch="llama", vocab_size=4096, max_position_embeddings=4096,
+                           corpus=[" ".join(m["content"] for m in c["messages"]) for c in synthetic_chats(4000, 1, 60)],
+                           **sizes)
+
+
+def write_data(root: Path, n: int) -> tuple[Path, Path]:
+    chats = synthetic_chats(n, seed=0, mean_words=120)
+    chat_path, pair_path = root / "chat.jsonl", root / "pairs.jsonl"
+    chat_path.write_text("".join(json.dumps(c) + "\n" for c in chats))
+    rng = random.Random(0)
+    pairs = [{"prompt": c["messages"][0]["content"], "chosen": c["messages"][1]["content"],
+              "rejected": chats[rng.randrange(n)]["messages"][1]["content"]} for c in chats]
+    pair_path.write_text("".join(json.dumps(p) + "\n" for p in pairs))
+    return chat_path, pair_path
+
+
+def one_run(name: str, fn, model: Path, data: Path, out: Path, params: int, peak: float, **kw) -> dict:
+    torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    result = fn(str(model), str(data), str(out), disable_progress_bar=True, save_final_checkpoint=False, **kw)
+    metrics = result.metrics
+    tps = metrics.get("tokens_per_second") or 0.0
+    row = {"run": name, "status": result.status, "steps": metrics.get("steps"), "tokens_per_second": round(tps),
+           "mfu": round(6 * params * tps / peak, 4) if peak else None,
+           "peak_memory_gib": round((metrics.get("peak_memory_bytes") or 0) / GIB, 2),
+           "final_loss": metrics.get("final_loss"), "wall_seconds": round(time.perf_counter() - start, 1)}
+    print(json.dumps(row), flush=True)
+    return row
+
+
+def gpu_runs(args, root: Path) -> dict:
+    from transformers import AutoModelForCausalLM
+
+    from training_hub import dpo, lora_sft, osft, sft
+    from training_hub.engine.attention import NAME, packing_error
+
+    model = generated_model(root, args.quick)
+    params = sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(model).parameters())
+    check_model = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32, attn_implementation="sdpa").cuda()
+    attention_error = packing_error(check_model, NAME, "sdpa")
+    del check_model
+    peak = matmul_peak(torch.bfloat16)
+    chat, pairs = write_data(root, 64 if args.quick else 512)
+    common = dict(max_steps=args.steps, effective_batch_size=32, max_seq_len=1024, max_tokens_per_gpu=16384,
+                  learning_rate=1e-5)
+    rows = [one_run("sft", sft, model, chat, root / "sft", params, peak, **common),
+            one_run("osft", osft, model, chat, root / "osft", params, peak, unfreeze_rank_ratio=0.25, **common),
+            one_run("lora_sft", lora_sft, model, chat, root / "lora", params, peak, **common),
+            one_run("dpo", dpo, model, pairs, root / "dpo", params, peak,
+                    **{**common, "max_tokens_per_gpu": 4096, "max_seq_len": 1024})]
+    if torch.cuda.device_count() > 1:
+        for strategy in ("ddp", "fsdp2"):
+            rows.append(one_run(f"sft {strategy} x{torch.cuda.device_count()}", sft, model, chat,
+                                root / f"sft-{strategy}", params, peak, nproc_per_node="auto", strategy=strategy,
+                                **common))
+    return {"parameters": params, "bf16_matmul_peak_flops": peak, "attention_selfcheck_error": attention_error,
+            "gpu": torch.cuda.get_device_name(), "gpus": torch.cuda.device_count(), "runs": rows}
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--dry-run-only", action="store_true", help="only the 8B memory budget (meta device)")
+    parser.add_argument("--quick", action="store_true", help="a smaller model and fewer steps")
+    parser.add_argument("--steps", type=int, default=None, help="optimizer steps per run (default 8, quick 3)")
+    parser.add_argument("--tokens-per-gpu", type=int, default=16384, help="micro-batch tokens for the dry run")
+    args = parser.parse_args(argv)
+    args.steps = args.steps or (3 if args.quick else 8)
+    out = {"benchmark": "gpu_check", "torch": torch.__version__, "cuda": torch.cuda.is_available()}
+    if not args.dry_run_only:
+        if torch.cuda.is_available():
+            root = Path(tempfile.mkdtemp(prefix="gpu_check-"))
+            try:
+                out["gpu_runs"] = gpu_runs(args, root)
+            finally:
+                shutil.rmtree(root, ignore_errors=True)
+        else:
+            print("no CUDA device here (torch.cuda.is_available() is False): skipping the GPU runs")
+    out["dry_run_8b"] = dry_run(args.tokens_per_gpu)
+    print_dry_run(out["dry_run_8b"])
+    print(json.dumps(out))
+    return out
+
+
+if __name__ == "__main__":
+    main()
+    sys.exit(0)
