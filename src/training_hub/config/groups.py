@@ -156,7 +156,6 @@ class CheckpointParams(DeclaredConfig):
         return problems
 
 
-
 @dataclass(kw_only=True)
 class LoggingParams(DeclaredConfig):
     group_title = "Logging"
