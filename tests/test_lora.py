@@ -128,3 +128,12 @@ def test_merged_checkpoint_equals_adapter_model(trained, tiny_model_dir, tmp_pat
         merge_adapter(trained.checkpoint_path, again)
     with pytest.raises(ValueError, match="not a PEFT adapter directory"):
         merge_adapter(tiny_model_dir, tmp_path / "merged3")
+
+
+def test_a_target_module_typo_lists_the_model_linear_layers_before_any_data_work(tiny_model_dir, tmp_path):
+    out = tmp_path / "out"
+    for backend in ("native", "trl"):
+        with pytest.raises(ValueError, match=r"'q_prj' name\(s\) no linear layer.*k_proj.*q_proj.*did you mean 'q_proj'"):
+            lora_sft(str(tiny_model_dir), str(tmp_path / "not-read-yet.jsonl"), str(out), backend=backend,
+                     target_modules=["q_prj", "v_proj"])
+    assert not out.exists()

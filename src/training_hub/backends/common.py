@@ -70,6 +70,36 @@ def check_model(config: Any, algorithm: str) -> None:
                         trust_remote_code=bool(getattr(config, "trust_remote_code", False)))
 
 
+def linear_module_names(model_path: str, trust_remote_code: bool = False) -> list[str]:
+    """The names (last part) of the model's ``nn.Linear`` modules, read from its config on the meta device: no
+    weights are loaded and no memory is used."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(model_path, trust_remote_code=trust_remote_code)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    return sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules()
+                   if isinstance(module, torch.nn.Linear)})
+
+
+def check_lora_targets(config: Any) -> None:
+    """A LoRA ``target_modules`` entry that names no linear layer of the model fails here, before any data work,
+    listing the names it could be (PEFT matches a name or the last part of a module's dotted name)."""
+    targets = getattr(config, "target_modules", None)
+    if not targets or targets == ["all-linear"]:
+        return
+    from training_hub.config.declare import closest
+
+    names = linear_module_names(str(config.model_path), bool(getattr(config, "trust_remote_code", False)))
+    unknown = [t for t in targets if t not in names and t.rsplit(".", 1)[-1] not in names]
+    if unknown:
+        hints = "; ".join(f"{t!r}: did you mean {closest(t, names)!r}?" for t in unknown if closest(t, names))
+        raise ParameterError("lora_sft()", [f"target_modules: {', '.join(map(repr, unknown))} name(s) no linear layer "
+                                            f"of {config.model_path}; its linear layers are {', '.join(names)} (or "
+                                            f"'all-linear')" + (f". {hints}" if hints else "")])
+
+
 def add_lora_models(result: Any, config: Any) -> Any:
     """``result["model"]`` and ``result["tokenizer"]``, as upstream ``lora_sft()``'s result has them, loaded from
     disk on first access (a caller who never asks loads nothing): with ``merge=True`` the merged checkpoint, else
@@ -140,6 +170,7 @@ class BuiltinBackend(Backend):
             raise ParameterError(f"{self.algorithm}() with the {self.name} backend",
                                  problems + ([self.refusal_hint] if self.refusal_hint else []))
         check_model(config, self.algorithm)
+        check_lora_targets(config)
         return self.run(config, given, options or {})
 
     def run(self, config: Any, given: set[str], options: Dict[str, Any]) -> Any:
