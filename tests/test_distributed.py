@@ -266,7 +266,8 @@ def test_fsdp2_two_processes_then_resume_follow_the_one_process_run(kwargs, refe
     assert set(load_weights(first.checkpoint_path)) == set(load_weights(reference / "sft_2_steps" / "hf_format" /
                                                                         "samples_14"))
     assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
-    done = sft(ckpt_output_dir=str(out), nproc_per_node=2, strategy="fsdp2", resume=True, **kwargs)
+    done = sft(ckpt_output_dir=str(out), nproc_per_node=2, strategy="fsdp2", resume=True,
+               resume_changes=["max_steps"], **kwargs)
     assert done.metrics["steps"] == STEPS
     shutil.rmtree(out / "hf_format" / "samples_14")  # compare the final checkpoint
     assert_same_run(out, reference / "sft", "sft fsdp2 x2 (resumed at step 2)")
@@ -280,7 +281,8 @@ def test_ddp_resumes_a_one_process_state(kwargs, reference, tmp_path):
     out = tmp_path / "run"
     shutil.copytree(reference / "sft_2_steps", out)
     shutil.rmtree(out / "hf_format")
-    sft(ckpt_output_dir=str(out), nproc_per_node=2, strategy="ddp", resume=True, **kwargs)
+    sft(ckpt_output_dir=str(out), nproc_per_node=2, strategy="ddp", resume=True, resume_changes=["max_steps"],
+        **kwargs)
     assert_same_run(out, reference / "sft", "sft 1 process -> ddp x2 (resumed at step 2)")
 
 
@@ -440,3 +442,26 @@ def test_user_errors_of_a_multi_process_run_are_raised_before_launching(tiny_mod
         sft(str(tiny_model_dir), str(good), str(existing), nproc_per_node=2)
     assert time.perf_counter() - started < 10, "these must fail before any worker starts"
     assert not (tmp_path / "out").exists()
+
+
+def test_a_process_uses_its_local_rank_modulo_the_visible_gpus():
+    from training_hub.engine.distributed import cuda_device_index
+
+    assert [cuda_device_index(r, 4) for r in range(6)] == [0, 1, 2, 3, 0, 1]
+    assert cuda_device_index(3, 1) == 0  # SLURM --gpus-per-task: one visible device per process
+    with pytest.raises(RuntimeError, match="no CUDA device"):
+        cuda_device_index(0, 0)
+
+
+def test_more_processes_than_gpus_is_refused_before_launch(monkeypatch):
+    import torch
+
+    from training_hub.engine.launch import LaunchPlan, check_gpus
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    check_gpus(LaunchPlan(nproc_per_node=2))
+    with pytest.raises(ValueError, match="nproc_per_node=4, but this node has 2 visible GPU"):
+        check_gpus(LaunchPlan(nproc_per_node=4))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    check_gpus(LaunchPlan(nproc_per_node=4))  # CPU processes (gloo) are not bound to devices

@@ -25,6 +25,7 @@ import datetime
 import logging
 import os
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -35,6 +36,9 @@ logger = logging.getLogger(__name__)
 # Last resort against a hang (a rank stuck while the others wait in a collective); torchrun normally ends a
 # failed run within a second. Long enough for rank 0 to write a large checkpoint while the others wait.
 COLLECTIVE_TIMEOUT = datetime.timedelta(minutes=30)
+# The CPU phases (rank 0 tokenizes a large data set while the others wait) wait on a gloo group with this timeout
+# instead of holding an NCCL barrier for up to COLLECTIVE_TIMEOUT.
+CPU_PHASE_TIMEOUT = datetime.timedelta(hours=6)
 
 
 @dataclass(frozen=True)
@@ -46,6 +50,7 @@ class Ranks:
     local_rank: int = 0
     strategy: str = "ddp"
     owns_group: bool = False  # we started the process group (and end it)
+    cpu_group: Any = None  # a gloo group for waits in CPU phases (None: the default group is gloo already)
 
     @property
     def is_main(self) -> bool:
@@ -70,22 +75,35 @@ def setup(strategy: str) -> Ranks:
     import torch.distributed as dist
 
     local_rank = int(os.environ["LOCAL_RANK"])
-    if torch.cuda.is_available():
-        torch.cuda.set_device(local_rank)
+    cuda = torch.cuda.is_available()
+    device_id = None
+    if cuda:
+        os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")  # before the first allocation
+        device_id = torch.device("cuda", cuda_device_index(local_rank, torch.cuda.device_count()))
+        torch.cuda.set_device(device_id)
     owns = not dist.is_initialized()
     if owns:
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        device_id = torch.device("cuda", local_rank) if torch.cuda.is_available() else None
-        dist.init_process_group(backend, timeout=COLLECTIVE_TIMEOUT, device_id=device_id)
+        dist.init_process_group("nccl" if cuda else "gloo", timeout=COLLECTIVE_TIMEOUT, device_id=device_id)
+    cpu_group = dist.new_group(backend="gloo", timeout=CPU_PHASE_TIMEOUT) if dist.get_backend() != "gloo" else None
     return Ranks(rank=dist.get_rank(), world_size=dist.get_world_size(), local_rank=local_rank, strategy=strategy,
-                 owns_group=owns)
+                 owns_group=owns, cpu_group=cpu_group)
 
 
-def teardown(ranks: Ranks) -> None:
+def cuda_device_index(local_rank: int, device_count: int) -> int:
+    """The GPU of this process: ``local_rank`` modulo the GPUs it sees. A launcher that binds one GPU per task (SLURM
+    with ``--gpus-per-task``, ``CUDA_VISIBLE_DEVICES`` per process) shows each process one device, numbered 0."""
+    if device_count < 1:
+        raise RuntimeError("no CUDA device is visible to this process")
+    return local_rank % device_count
+
+
+def teardown(ranks: Ranks, wait: bool = True) -> None:
+    """End the process group this run started. ``wait=False`` (a failing rank): no barrier, another rank may be gone."""
     if ranks.owns_group:
         import torch.distributed as dist
 
-        dist.barrier()  # no rank tears down while another still talks to it
+        if wait:
+            dist.barrier(group=ranks.cpu_group)  # no rank tears down while another still talks to it
         dist.destroy_process_group()
 
 
@@ -176,10 +194,11 @@ def broadcast(ranks: Ranks, value):
 
 
 def barrier(ranks: Ranks) -> None:
+    """Wait for every rank, on the CPU group (a wait in a CPU phase must not hold an NCCL collective)."""
     if ranks.distributed:
         import torch.distributed as dist
 
-        dist.barrier()
+        dist.barrier(group=ranks.cpu_group)
 
 
 @contextlib.contextmanager

@@ -108,8 +108,18 @@ def preflight(config) -> None:
     check_output_dir(Path(config.ckpt_output_dir), config.resume)
 
 
+def check_gpus(plan: LaunchPlan) -> None:
+    """On a CUDA machine, more processes per node than visible GPUs would share GPUs (and NCCL refuses that)."""
+    import torch
+
+    if torch.cuda.is_available() and plan.nproc_per_node > torch.cuda.device_count():
+        raise ValueError(f"nproc_per_node={plan.nproc_per_node}, but this node has {torch.cuda.device_count()} "
+                         "visible GPU(s); use at most that many (or nproc_per_node='auto')")
+
+
 def launch(config, method_class, plan: LaunchPlan) -> TrainingResult:
     """Run torchrun with ``plan`` in a child process group; return the run's result or raise :class:`WorkerError`."""
+    check_gpus(plan)
     preflight(config)
     workdir = Path(tempfile.mkdtemp(prefix="training_hub-launch-"))
     try:

@@ -158,11 +158,19 @@ def train_sft(config: Any, method: TrainingMethod | None = None) -> TrainingResu
 
     ``method`` adapts the loop for SFT-style algorithms such as OSFT or LoRA (see ``engine.method``).
     """
+    check_supported(config)
+    ranks = distributed.setup(config.strategy)
+    try:
+        return train_sft_rank(config, method or TrainingMethod(), ranks)
+    except BaseException:
+        distributed.teardown(ranks, wait=False)  # a failing rank must not wait for the others (they may be gone)
+        raise
+
+
+def train_sft_rank(config: Any, method: TrainingMethod, ranks: distributed.Ranks) -> TrainingResult:
+    """The body of :func:`train_sft` on one rank, after the process group is set up."""
     from transformers import AutoTokenizer
 
-    method = method or TrainingMethod()
-    ranks = distributed.setup(config.strategy)
-    check_supported(config)
     root = Path(config.ckpt_output_dir)
     resume_from = distributed.broadcast(ranks, ckpt.check_output_dir(root, config.resume) if ranks.is_main else None)
     device, autocast = device_and_autocast(config.dtype)
