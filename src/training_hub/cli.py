@@ -5,13 +5,15 @@ Boolean flags take an optional value: ``--resume``, ``--resume true``, ``--resum
 Exit codes (every sub-command):
 
 * 0 -- success.
-* 1 -- a runtime failure: permission denied, no space left on device, training diverged (NaN/inf loss or gradient
-  norm; the message names the step, learning rate and last good checkpoint).
+* 1 -- a runtime failure: permission denied, no space left on device, a backend that cannot run on this machine,
+  a model that cannot be fetched, training diverged (NaN/inf loss or gradient norm; the message names the step,
+  learning rate and last good checkpoint).
 * 2 -- a usage, parameter or data error: a bad flag or value, a stray positional value, an invalid or missing
   config file, a missing or wrong path (``ValueError``, ``FileNotFoundError``, ``NotADirectoryError``,
   ``IsADirectoryError``).
 * 130 / 143 -- training stopped by Ctrl-C (SIGINT) / SIGTERM after saving its training state (``resume true``
-  continues it); the result is printed first. 128 + the signal's number, as shells report it.
+  continues it); the result is printed first. 128 + the signal's number, as shells report it. A Ctrl-C before
+  training started also exits 130.
 
 These expected errors print one ``error: ...`` message and no traceback; ``--debug`` anywhere on the command
 line shows the full traceback instead. Any other exception is a bug and keeps its traceback.
@@ -413,6 +415,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = [token for token in argv if token != "--debug"]
     try:
         return _dispatch(argv)
+    except KeyboardInterrupt:  # before training started (a run saves its state on the first Ctrl-C and returns)
+        if debug:
+            raise
+        print("interrupted (Ctrl-C); a run that had started saved its training state, resume with --resume true",
+              file=sys.stderr)
+        return 130
     except Exception as exc:
         code = _expected_error_code(exc)
         if code is None or debug:  # a bug (or asked for): the full traceback
@@ -437,8 +445,11 @@ def _expected_error_code(exc: BaseException) -> int | None:
     if isinstance(exc, PermissionError) or (isinstance(exc, OSError) and exc.errno == errno.ENOSPC):
         return 1
     from training_hub.engine.run import TrainingDivergedError
+    from training_hub.registry import BackendUnavailableError
 
-    if isinstance(exc, TrainingDivergedError):
+    if isinstance(exc, (TrainingDivergedError, BackendUnavailableError)):
+        return 1
+    if type(exc) is OSError and exc.errno is None:  # transformers' own message, e.g. a Hub model it cannot fetch
         return 1
     return None
 

@@ -54,6 +54,11 @@ class Algorithm(ABC):
         """Return optional parameter names and types."""
 
 
+class BackendUnavailableError(RuntimeError):
+    """The backend asked for (or every backend of an algorithm) cannot run on this machine; the message says why and
+    which backends can."""
+
+
 @dataclass(frozen=True)
 class Availability:
     """Result of ``Backend.is_available()``: truthy when the backend can run; ``reason`` says why not."""
@@ -212,7 +217,7 @@ class AlgorithmRegistry:
             if status[name]:
                 return name
         reasons = "\n".join(f"  - {n}: {status[n].reason}" for n in order)
-        raise RuntimeError(f"No backend of '{algorithm_name}' can run on this machine:\n{reasons}")
+        raise BackendUnavailableError(f"No backend of '{algorithm_name}' can run on this machine:\n{reasons}")
 
 
 def _qualname(obj: Any) -> str:

@@ -22,7 +22,7 @@ from training_hub.config.declare import (
     UPSTREAM_GROUP, ParameterError, optional_params, param_specs, required_params, validate_params,
 )
 from training_hub.config.upstream import fold_translated, upstream_call, warn_ignored
-from training_hub.registry import Algorithm, AlgorithmRegistry, Backend, create_algorithm
+from training_hub.registry import Algorithm, AlgorithmRegistry, Backend, BackendUnavailableError, create_algorithm
 
 logger = logging.getLogger("training_hub")
 
@@ -68,8 +68,9 @@ class DeclaredAlgorithm(Algorithm):
         status = AlgorithmRegistry.availability(backend_cls)
         if not status:
             runnable = [n for n, s in AlgorithmRegistry.backend_status(self.name).items() if s]
-            raise RuntimeError(f"Backend {backend_cls.__name__} of '{self.name}' cannot run here: {status.reason}. "
-                               f"Backends that can: {', '.join(runnable) or 'none'}.")
+            raise BackendUnavailableError(
+                f"Backend {backend_cls.__name__} of '{self.name}' cannot run here: {status.reason}. "
+                f"Backends that can: {', '.join(runnable) or 'none'}.")
         foreign = sorted(set(call.options) - passthrough_names(backend_cls))  # another backend's engine options
         if foreign:
             unknown = ParameterError(f"{self.name}()", [f"{n}: unknown parameter" for n in foreign])

@@ -67,7 +67,7 @@ class NativeLoRASFTBackend(NativeSFTBackend):
 
     @classmethod
     def refusals(cls, config: Any, given: set[str]) -> list[str]:
-        problems = [*qlora_problems(), QLORA_NOT_HERE] if config.load_in_4bit else []
+        problems = (qlora_problems() or [QLORA_NOT_HERE]) if config.load_in_4bit else []  # trl only where it can
         if not in_torchrun_worker() and process_count(config) > 1:
             problems.append("nproc_per_node/nnodes: the native lora_sft backend trains in the calling process; "
                             "for several processes run your script under torchrun")

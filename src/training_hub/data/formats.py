@@ -156,6 +156,9 @@ def preference_record(record: Any, report: Report) -> dict | None:
     if not isinstance(record, dict):
         report("record", f"expected a JSON object, got a {_kind(record)}", valid)
         return None
+    if "messages" in record and not any(key in record for key in ("prompt", "chosen", "rejected")):
+        report("messages", "this is a chat (SFT) record; preference training needs pairs", valid)
+        return None
     out = {}
     for key in ("prompt", "chosen", "rejected"):
         value = record.get(key)

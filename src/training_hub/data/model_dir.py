@@ -103,12 +103,27 @@ def _problems(root: Path, need_chat_template: bool, trust_remote_code: bool) -> 
     return problems
 
 
+def _check_hub_id_offline(repo_id: str) -> None:
+    """Offline (``HF_HUB_OFFLINE`` / ``TRANSFORMERS_OFFLINE``), a Hub id must already be in the local cache."""
+    offline = any(os.environ.get(name, "").lower() in ("1", "true", "yes", "on")
+                  for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+    if not offline:
+        return  # online: transformers downloads it (or says why it cannot)
+    from huggingface_hub import try_to_load_from_cache
+
+    if not isinstance(try_to_load_from_cache(repo_id, "config.json"), str):
+        raise ModelDirectoryError(f"model_path {repo_id}: not a local directory, and not in the Hugging Face cache "
+                                  "while offline (HF_HUB_OFFLINE is set); download it first (huggingface-cli download "
+                                  f"{repo_id}) or give the path of a model directory")
+
+
 def check_model_dir(model_path: str, *, need_chat_template: bool, trust_remote_code: bool) -> None:
     """Raise :class:`ModelDirectoryError` when ``model_path`` is meant as a local directory and cannot hold a
     loadable model: missing (no Hub lookup follows), a file, no config.json, no tokenizer files, no weights, a
     truncated safetensors file or a shard its index names that is missing. A Hub id is left alone."""
     path = str(model_path)
     if not looks_local(path):
+        _check_hub_id_offline(path)
         return
     root = Path(os.path.expanduser(path))
     if not root.exists():

@@ -12,6 +12,7 @@ import hashlib
 import json
 import logging
 import os
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -42,6 +43,10 @@ def find_files(data_path: str) -> tuple[list[Path], DataProblem | None]:
         files = [p for p in found if p.suffix in SUFFIXES
                  and not any(part.startswith(".") for part in p.relative_to(path).parts)]
         skipped = [p for p in found if p not in files]
+        visible = [p for p in skipped if not p.name.startswith(".")]
+        if visible:
+            warnings.warn(f"data_path {path}: skipped {len(visible)} file(s) that are not .jsonl/.json/.parquet: "
+                          f"{', '.join(str(p.relative_to(path)) for p in visible[:10])}", UserWarning, stacklevel=3)
         logger.info("data_path %s: reading %d file(s): %s; skipped %d (not .jsonl/.json/.parquet, or hidden)%s",
                     path, len(files), ", ".join(str(p.relative_to(path)) for p in files) or "none", len(skipped),
                     (": " + ", ".join(str(p.relative_to(path)) for p in skipped[:20])) if skipped else "")

@@ -64,6 +64,10 @@ def read_records(data_path: str, *, kind: str = "chat", document_column_name: st
     if not records.items:  # e.g. a .json file holding an empty list
         collector.add(DataProblem(str(data_path), None, "data_path", "no records found", "at least one record"))
         collector.raise_if_any()
+    if kind == "preference" and all(item["chosen"] == item["rejected"] for item in records.items):
+        collector.add(DataProblem(str(data_path), None, "chosen", "every pair's chosen equals its rejected: "
+                                  "DPO has nothing to learn from", "pairs whose chosen and rejected differ"))
+        collector.raise_if_any()
     _warn_suspicious(records)
     return records
 

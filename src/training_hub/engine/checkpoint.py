@@ -209,6 +209,8 @@ def check_output_dir(root: Path, resume: bool) -> Path | None:
     """
     from training_hub.fsutil import check_not_claimed
 
+    if root.exists() and not root.is_dir():
+        raise NotADirectoryError(f"ckpt_output_dir {root} is a file; give a directory (it is created if missing)")
     check_not_claimed(root)
     remove_temporaries(root)
     states = complete_states(root)
@@ -227,10 +229,11 @@ def check_output_dir(root: Path, resume: bool) -> Path | None:
             "to continue from (it was stopped before its first save, or written by another backend). Start the "
             "new run in another ckpt_output_dir, or delete this one.")
     if resume:
-        logger.info("resume=True and %s holds no run yet; starting from the beginning", root)
+        logger.warning("resume=True: %s holds no run yet, so training starts from the beginning", root)
         return None
     if found:
-        raise ExistingRunError(
-            f"ckpt_output_dir {root} already holds a training run ({', '.join(found)}). Pass resume=True to "
-            f"continue it from its newest saved state, or choose another ckpt_output_dir (or delete this one).")
+        way = ("Pass resume=True to continue it from its newest saved state, or choose" if states else
+               "It has no training state to resume from; choose")
+        raise ExistingRunError(f"ckpt_output_dir {root} already holds a training run ({', '.join(found)}). {way} "
+                               "another ckpt_output_dir (or delete this one).")
     return None

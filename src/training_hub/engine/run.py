@@ -112,7 +112,9 @@ class Progress:
         changed = {k: (plan[k], v) for k, v in self.plan.items() if k in plan and plan[k] != v}
         refused = [k for k in changed if k not in allowed]
         if refused:
-            lines = "; ".join(f"{k}: saved {changed[k][0]!r}, now {changed[k][1]!r}" for k in refused)
+            lines = "; ".join("the training data's content changed (data_path's bytes hash differently)"
+                              if k == "data_sha256" else f"{k}: saved {changed[k][0]!r}, now {changed[k][1]!r}"
+                              for k in refused)
             may = [k for k in refused if k in RESUME_CHANGEABLE]
             hint = (f" To continue with the new {', '.join(may)}, pass resume_changes={may!r}." if may else "")
             raise ValueError(f"resume=True continues the same run, but these differ from the run in the output "
