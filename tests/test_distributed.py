@@ -465,3 +465,20 @@ def test_more_processes_than_gpus_is_refused_before_launch(monkeypatch):
         check_gpus(LaunchPlan(nproc_per_node=4))
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     check_gpus(LaunchPlan(nproc_per_node=4))  # CPU processes (gloo) are not bound to devices
+
+
+@pytest.mark.slow
+def test_fsdp2_bf16_runs_with_a_mixed_precision_policy_and_tracks_the_fp32_run(kwargs, reference, tmp_path):
+    """dtype='bfloat16' under FSDP2 (2 processes over gloo): fully_shard gets MixedPrecisionPolicy(bf16 params,
+    fp32 reduction), the sharded master weights stay fp32. The loss curve stays close to the fp32 one-process run,
+    and the checkpoint keeps its stored dtype."""
+    from training_hub import sft
+
+    out = tmp_path / "run"
+    done = sft(ckpt_output_dir=str(out), nproc_per_node=2, strategy="fsdp2", **{**kwargs, "dtype": "bfloat16"})
+    assert done.status == "success" and done.metrics["strategy"] == "fsdp2"
+    got, want = losses(out), losses(reference / "sft")
+    assert max(abs(a - b) for a, b in zip(got, want)) < 0.05, (got, want)  # bf16 compute: close, not exact
+    weights = load_weights(done.checkpoint_path)
+    assert {w.dtype for w in weights.values()} == {next(iter(load_weights(next(
+        (reference / "sft" / "hf_format").iterdir())).values())).dtype}

@@ -165,7 +165,9 @@ def training_arguments(config, args_class: type, *, root: Path, row_tokens: int,
     # transformers 5.2x renamed gradient_checkpointing to activation_checkpointing (the old name warns).
     fields = {f.name for f in dataclasses.fields(args_class)}
     checkpointing = "activation_checkpointing" if "activation_checkpointing" in fields else "gradient_checkpointing"
-    extra[checkpointing] = config.gradient_checkpointing
+    from training_hub.engine.model import checkpointing as resolve
+
+    extra[checkpointing] = resolve(config.gradient_checkpointing, torch.device("cuda" if cuda else "cpu"))
     return args_class(
         output_dir=str(root / STATE_DIR),
         per_device_train_batch_size=micro,
@@ -487,7 +489,7 @@ class TRLLoRASFTBackend(TRLSFTBackend):
         if config.load_in_4bit:
             from peft import prepare_model_for_kbit_training
 
-            prepare_model_for_kbit_training(model, use_gradient_checkpointing=config.gradient_checkpointing)
+            prepare_model_for_kbit_training(model, use_gradient_checkpointing=config.gradient_checkpointing is not False)
         return LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
                           target_modules=_target_modules(config.target_modules), use_dora=config.use_dora,
                           bias="none", task_type="CAUSAL_LM")

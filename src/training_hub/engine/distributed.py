@@ -108,7 +108,7 @@ def teardown(ranks: Ranks, wait: bool = True) -> None:
 
 
 def wrap_model(model: torch.nn.Module, ranks: Ranks, device: torch.device,
-               cpu_offload: bool = False) -> torch.nn.Module:
+               cpu_offload: bool = False, param_dtype: torch.dtype | None = None) -> torch.nn.Module:
     """The module the loop calls: the model itself (one process), DDP around it, or the model made FSDP2 in place.
 
     Call after the model is complete (OSFT's decomposition included) and before the optimizer is built.
@@ -135,19 +135,22 @@ def wrap_model(model: torch.nn.Module, ranks: Ranks, device: torch.device,
         return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
                                        **no_buffer_sync)
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import CPUOffloadPolicy, fully_shard
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
 
     mesh = init_device_mesh(device.type, (ranks.world_size,))
     # Pinned host memory makes the copies asynchronous; it needs CUDA.
-    offload = {"offload_policy": CPUOffloadPolicy(pin_memory=device.type == "cuda")} if cpu_offload else {}
+    options = {"offload_policy": CPUOffloadPolicy(pin_memory=device.type == "cuda")} if cpu_offload else {}
+    if param_dtype is not None:  # bf16 runs: layers gathered and computed in bf16, gradients reduced in fp32, the
+        # sharded master weights and the optimizer stay fp32 (no fp32 all-gather, no autocast copy of the weights)
+        options["mp_policy"] = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
     layer_classes = set(getattr(model, "_no_split_modules", None) or ())
     layers = [m for m in model.modules() if type(m).__name__ in layer_classes]
     if not layers:
         raise ValueError(f"strategy='fsdp2': cannot find the decoder layers of {type(model).__name__} "
                          "(no _no_split_modules); use strategy='ddp'")
     for layer in layers:
-        fully_shard(layer, mesh=mesh, **offload)
-    fully_shard(model, mesh=mesh, **offload)
+        fully_shard(layer, mesh=mesh, **options)
+    fully_shard(model, mesh=mesh, **options)
     return model
 
 

@@ -29,6 +29,7 @@ from training_hub.engine.batching import Step, pack, pack_into_micro_batches, pl
 from training_hub.engine.loss import step_loss_and_backward, token_loss_sum
 from training_hub.engine.method import TrainingMethod
 from training_hub.engine.model import device_and_autocast, load_model
+from training_hub.engine.precision import autocast_dtype
 from training_hub.engine.run import (
     Progress, Run, StepOutcome, execute, optimizer_and_scheduler, resume, run_plan, seed_everything, total_steps,
 )
@@ -188,7 +189,8 @@ def train_sft_rank(config: Any, method: TrainingMethod, ranks: distributed.Ranks
         raw, save_dtype = load_model(config, device)
         method.prepare_model(raw)
         model = distributed.wrap_model(raw, ranks, device,  # what the loop calls: raw, DDP(raw) or raw made FSDP2
-                                       cpu_offload=fsdp_cpu_offload(getattr(config, "fsdp_options", None)))
+                                       cpu_offload=fsdp_cpu_offload(getattr(config, "fsdp_options", None)),
+                                       param_dtype=autocast_dtype(config.dtype, device))
         trainable = [p for p in raw.parameters() if p.requires_grad]
         optimizer, scheduler = optimizer_and_scheduler(config, trainable, total)
         recipe = SFTRecipe(config, method=method, ranks=ranks, device=device, autocast=autocast, data=data,
