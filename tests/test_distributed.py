@@ -482,3 +482,19 @@ def test_fsdp2_bf16_runs_with_a_mixed_precision_policy_and_tracks_the_fp32_run(k
     weights = load_weights(done.checkpoint_path)
     assert {w.dtype for w in weights.values()} == {next(iter(load_weights(next(
         (reference / "sft" / "hf_format").iterdir())).values())).dtype}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
+def test_the_chunked_output_loss_under_two_processes_follows_the_one_process_run(strategy, kwargs, reference,
+                                                                                 tmp_path, monkeypatch):
+    """The chunked projection + cross-entropy (engine.loss) uses the head's weight outside the model's forward;
+    DDP's and FSDP2's gradient reduction must still see it. 16 positions per chunk on the tiny model."""
+    from training_hub import sft
+    from transformers import AutoConfig
+
+    vocab = AutoConfig.from_pretrained(kwargs["model_path"]).vocab_size
+    monkeypatch.setenv("TRAINING_HUB_LOSS_CHUNK_ELEMENTS", str(16 * vocab))  # the workers inherit it
+    out = tmp_path / "run"
+    sft(ckpt_output_dir=str(out), nproc_per_node=2, strategy=strategy, **kwargs)
+    assert_same_run(out, reference / "sft", f"sft {strategy} x2, chunked loss")

@@ -14,10 +14,12 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
+import os
 
 import torch
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
+from torch.utils.checkpoint import checkpoint
 
 from training_hub.engine.attention import BOUNDS_KWARG
 from training_hub.engine.attention import NAME as PACKED_ATTENTION
@@ -47,11 +49,53 @@ def packed_logits(model: torch.nn.Module, row: dict, keep: torch.Tensor) -> torc
     return model(**kwargs).logits[keep]  # a model without logits_to_keep: project every position, then select
 
 
+# Full-vocabulary logits of the loss positions are projected in chunks when they would take more than this many
+# elements at once (2**26 fp32 = 256 MiB; the bf16 copy and the gradient come on top). At 16k loss tokens and a
+# 128k vocabulary the unchunked logits take 20-25 GB; chunked, one chunk of 512 positions at a time.
+CHUNK_ELEMENTS = int(os.environ.get("TRAINING_HUB_LOSS_CHUNK_ELEMENTS", 2**26))  # the variable: for tests
+
+
 def token_loss_sum(model: torch.nn.Module, row: dict) -> torch.Tensor:
-    """Sum of next-token cross-entropy over the loss-bearing targets of one packed row."""
+    """Sum of next-token cross-entropy over the loss-bearing targets of one packed row.
+
+    With a large vocabulary the output projection and the cross-entropy run in chunks of positions, each
+    recomputed in the backward pass (activation checkpointing), so the full logits never exist at once: the same
+    sum, in a bounded amount of memory (:func:`chunked_output_loss`).
+    """
     mask = row["loss_mask"]
-    logits = packed_logits(model, row, mask)
-    return F.cross_entropy(logits.float(), row["targets"][mask], reduction="sum")
+    targets = row["targets"][mask]
+    inner = model.module if isinstance(model, DistributedDataParallel) else model
+    head = inner.get_output_embeddings() if hasattr(inner, "get_output_embeddings") else None
+    if type(head) is not torch.nn.Linear or targets.numel() * head.out_features <= CHUNK_ELEMENTS:
+        return F.cross_entropy(packed_logits(model, row, mask).float(), targets, reduction="sum")
+    with _head_returns_hidden_states(head):
+        hidden = packed_logits(model, row, mask)  # the model's forward (DDP/FSDP2 hooks included), minus the head
+    return chunked_output_loss(hidden, head.weight, head.bias, targets,
+                               chunk=max(1, CHUNK_ELEMENTS // head.out_features))
+
+
+@contextlib.contextmanager
+def _head_returns_hidden_states(head: torch.nn.Linear):
+    head.forward = lambda hidden: hidden  # an instance attribute: nn.Module.__call__ finds it first
+    try:
+        yield
+    finally:
+        del head.forward
+
+
+def _chunk_loss(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                targets: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(F.linear(hidden, weight, bias).float(), targets, reduction="sum")
+
+
+def chunked_output_loss(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor,
+                        chunk: int) -> torch.Tensor:
+    """``cross_entropy(hidden @ weight.T + bias, targets, reduction="sum")`` computed ``chunk`` positions at a time;
+    each chunk's logits are freed after its forward and recomputed for its backward (under the same autocast)."""
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for h, t in zip(hidden.split(chunk), targets.split(chunk)):
+        total = total + checkpoint(_chunk_loss, h, weight, bias, t, use_reentrant=False)
+    return total
 
 
 def step_loss_and_backward(model: torch.nn.Module, rows: list[dict], autocast, *, total_targets: int | None = None,
