@@ -101,8 +101,11 @@ def pack(samples_input_ids: Sequence[Sequence[int]], samples_labels: Sequence[Se
     """Concatenate samples into one row: input_ids, position_ids restarting per sample, per-sample shifted targets.
 
     Returns tensors of shape (1, total_tokens): ``input_ids``, ``position_ids``, ``targets`` (already shifted,
-    IGNORE_INDEX where no loss) and ``loss_mask`` (bool, targets != IGNORE_INDEX); and ``sample_bounds``, the
-    list of sample offsets in the row ([0, len0, len0 + len1, ...]) for per-sample attention.
+    IGNORE_INDEX where no loss) and ``loss_mask`` (bool, targets != IGNORE_INDEX); ``loss_index``, the positions
+    of the loss-bearing targets (1-D); and, computed here on the host so that the training step needs no device
+    sync for them, ``num_targets`` (an int) and ``sample_bounds``, the list of sample offsets in the row
+    ([0, len0, len0 + len1, ...]) for per-sample attention. On CUDA the tensors go through pinned memory,
+    asynchronously.
     """
     import torch
 
@@ -123,7 +126,10 @@ def pack(samples_input_ids: Sequence[Sequence[int]], samples_labels: Sequence[Se
         "targets": torch.tensor([targets], dtype=torch.long),
     }
     row["loss_mask"] = row["targets"] != IGNORE_INDEX
+    row["loss_index"] = row["loss_mask"][0].nonzero().flatten()
     if device is not None:
-        row = {k: v.to(device, non_blocking=True) for k, v in row.items()}
+        pin = torch.device(device).type == "cuda"
+        row = {k: (v.pin_memory() if pin else v).to(device, non_blocking=True) for k, v in row.items()}
+    row["num_targets"] = sum(1 for t in targets if t != IGNORE_INDEX)
     row["sample_bounds"] = bounds
     return row

@@ -37,7 +37,7 @@ from training_hub.data.sources import fingerprint
 from training_hub.engine import checkpoint as ckpt
 from training_hub.engine import distributed
 from training_hub.engine.batching import IGNORE_INDEX, Step, pack, pack_into_micro_batches, plan_epoch
-from training_hub.engine.loss import packed_logits
+from training_hub.engine.loss import num_targets, packed_logits
 from training_hub.engine.model import device_and_autocast, load_model
 from training_hub.engine.run import (
     Progress, Run, StepOutcome, execute, optimizer_and_scheduler, resume, run_plan, seed_everything, total_steps,
@@ -217,7 +217,7 @@ class DPORecipe:
         grad_norm = float(torch.nn.utils.clip_grad_norm_(self.trainable, self.config.max_grad_norm or float("inf")))
         lr = self.scheduler.get_last_lr()[0]
         loss = stats.pop("loss")
-        loss_tokens = sum(int(row["loss_mask"].sum()) for _, row in micros)
+        loss_tokens = sum(num_targets(row) for _, row in micros)
         if not (math.isfinite(loss) and math.isfinite(grad_norm)):  # the run stops here (engine.run): apply nothing
             self.optimizer.zero_grad(set_to_none=True)
             return StepOutcome(loss=loss, lr=lr, grad_norm=grad_norm, loss_tokens=loss_tokens, extra=stats)

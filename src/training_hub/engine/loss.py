@@ -31,7 +31,8 @@ def _accepts_logits_to_keep(model_cls: type) -> bool:
 
 
 def packed_logits(model: torch.nn.Module, row: dict, keep: torch.Tensor) -> torch.Tensor:
-    """Logits of one packed row (see ``batching.pack``) at the positions where ``keep`` (bool, (1, T)) is True.
+    """Logits of one packed row (see ``batching.pack``) at the positions ``keep``: a bool (1, T) mask, or the 1-D
+    positions themselves (``row["loss_index"]``).
 
     Each sample attends only to itself: with ``attention.packed_sdpa`` (see ``attention.use_packed_attention``)
     through the sample bounds; otherwise because ``position_ids`` restart per sample and no attention mask is
@@ -46,7 +47,8 @@ def packed_logits(model: torch.nn.Module, row: dict, keep: torch.Tensor) -> torc
     if _accepts_logits_to_keep(type(inner)):
         logits = model(**kwargs, logits_to_keep=keep).logits
         return logits.reshape(-1, logits.shape[-1])
-    return model(**kwargs).logits[keep]  # a model without logits_to_keep: project every position, then select
+    logits = model(**kwargs).logits  # a model without logits_to_keep: project every position, then select
+    return logits[0, keep] if keep.dim() == 1 else logits[keep]
 
 
 # Full-vocabulary logits of the loss positions are projected in chunks when they would take more than this many
@@ -62,14 +64,14 @@ def token_loss_sum(model: torch.nn.Module, row: dict) -> torch.Tensor:
     recomputed in the backward pass (activation checkpointing), so the full logits never exist at once: the same
     sum, in a bounded amount of memory (:func:`chunked_output_loss`).
     """
-    mask = row["loss_mask"]
-    targets = row["targets"][mask]
+    keep = row.get("loss_index", row["loss_mask"])  # positions (no device sync to find them), or the mask
+    targets = row["targets"][0, keep] if keep.dim() == 1 else row["targets"][keep]
     inner = model.module if isinstance(model, DistributedDataParallel) else model
     head = inner.get_output_embeddings() if hasattr(inner, "get_output_embeddings") else None
     if type(head) is not torch.nn.Linear or targets.numel() * head.out_features <= CHUNK_ELEMENTS:
-        return F.cross_entropy(packed_logits(model, row, mask).float(), targets, reduction="sum")
+        return F.cross_entropy(packed_logits(model, row, keep).float(), targets, reduction="sum")
     with _head_returns_hidden_states(head):
-        hidden = packed_logits(model, row, mask)  # the model's forward (DDP/FSDP2 hooks included), minus the head
+        hidden = packed_logits(model, row, keep)  # the model's forward (DDP/FSDP2 hooks included), minus the head
     return chunked_output_loss(hidden, head.weight, head.bias, targets,
                                chunk=max(1, CHUNK_ELEMENTS // head.out_features))
 
@@ -112,14 +114,20 @@ def step_loss_and_backward(model: torch.nn.Module, rows: list[dict], autocast, *
     the mean.
     """
     if total_targets is None:
-        total_targets = sum(int(row["loss_mask"].sum()) for row in rows)
+        total_targets = sum(num_targets(row) for row in rows)
     denominator = max(total_targets, 1)
-    loss_total = 0.0
+    loss_total = None
     for i, row in enumerate(rows):
         with autocast():
             loss_sum = token_loss_sum(model, row)
         scaled = loss_sum if grad_scale == 1 else loss_sum * grad_scale
         with accumulate() if i < len(rows) - 1 else contextlib.nullcontext():
             (scaled / denominator).backward()
-        loss_total += loss_sum.item()
-    return loss_total / denominator, total_targets
+        loss_sum = loss_sum.detach()
+        loss_total = loss_sum if loss_total is None else loss_total + loss_sum
+    return loss_total.item() / denominator, total_targets  # the step's one host sync
+
+
+def num_targets(row: dict) -> int:
+    """Loss-bearing targets of a packed row, counted on the host by ``pack`` (no device sync)."""
+    return row["num_targets"] if "num_targets" in row else int(row["loss_mask"].sum())

@@ -26,7 +26,7 @@ from training_hub.data.training import TrainingData, prepare_training_data
 from training_hub.engine import checkpoint as ckpt
 from training_hub.engine import distributed
 from training_hub.engine.batching import Step, pack, pack_into_micro_batches, plan_epoch
-from training_hub.engine.loss import step_loss_and_backward, token_loss_sum
+from training_hub.engine.loss import num_targets, step_loss_and_backward, token_loss_sum
 from training_hub.engine.method import TrainingMethod
 from training_hub.engine.model import device_and_autocast, load_model
 from training_hub.engine.precision import autocast_dtype
@@ -69,7 +69,7 @@ def validation_loss(model, dataset, max_tokens: int, device, autocast,
         row = collate(dataset, mine[k], device) if k < len(mine) else distributed.empty_micro_batch(device)
         with autocast():
             total += token_loss_sum(model, row).item()
-        targets += int(row["loss_mask"].sum())
+        targets += num_targets(row)
     total, targets = distributed.all_sum(ranks, total, targets)
     model.train()
     return total / max(targets, 1), int(targets)
@@ -98,7 +98,7 @@ class SFTRecipe:
         rows = [collate(self.data.train, micro, device) for micro in step.micro_batches]
         if ranks.distributed:  # same number of passes on every rank; loss tokens counted globally
             rows += [distributed.empty_micro_batch(device)] * (step.max_micro_batches - len(rows))
-            (global_targets,) = distributed.all_sum(ranks, sum(int(row["loss_mask"].sum()) for row in rows))
+            (global_targets,) = distributed.all_sum(ranks, sum(num_targets(row) for row in rows))
             loss, loss_tokens = step_loss_and_backward(
                 model, rows, self.autocast, total_targets=int(global_targets), grad_scale=ranks.world_size,
                 accumulate=distributed.no_sync(model))
