@@ -498,3 +498,12 @@ def test_the_chunked_output_loss_under_two_processes_follows_the_one_process_run
     out = tmp_path / "run"
     sft(ckpt_output_dir=str(out), nproc_per_node=2, strategy=strategy, **kwargs)
     assert_same_run(out, reference / "sft", f"sft {strategy} x2, chunked loss")
+
+
+def test_the_default_strategy_is_fsdp2_on_cuda_and_ddp_on_cpu():
+    from training_hub.config.algorithms import SFTConfig
+    from training_hub.engine.distributed import resolve_strategy
+
+    assert SFTConfig(model_path="m", data_path="d", ckpt_output_dir="o").strategy == "auto"
+    assert resolve_strategy("auto", cuda=True) == "fsdp2" and resolve_strategy("auto", cuda=False) == "ddp"
+    assert resolve_strategy("ddp", cuda=True) == "ddp" and resolve_strategy("fsdp2", cuda=False) == "fsdp2"

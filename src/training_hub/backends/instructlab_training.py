@@ -54,7 +54,7 @@ RULES: Rules = {
     "resume": (lambda v, c: not v, "resuming a run is not wired into the instructlab-training adapter"),
     "keep_last_n_checkpoints": (lambda v, c: v in (None, 1),
                                 "instructlab-training keeps every checkpoint or only the last one (1)"),
-    "strategy": (lambda v, c: v == "fsdp2", "instructlab-training shards the model with FSDP (strategy='fsdp2')"),
+    "strategy": (lambda v, c: v in ("auto", "fsdp2"), "instructlab-training shards the model with FSDP (strategy='fsdp2')"),
     "gradient_checkpointing": (lambda v, c: bool(v), "instructlab-training always recomputes activations"),
     "validation_data_path": (lambda v, c: v is None, "instructlab-training validates on a split of the "
                                                      "training data only (validation_split with eval_steps)"),

@@ -55,7 +55,7 @@ RULES: Rules = {
     "dtype": (lambda v, c: v in ("auto", "float32"),
               "mini-trainer's bfloat16 mode keeps the weights themselves in bfloat16 (no float32 master copy); "
               "leave dtype out for its float32 weights with mixed-precision compute"),
-    "strategy": (lambda v, c: v == "fsdp2", "mini-trainer always shards the model with FSDP2"),
+    "strategy": (lambda v, c: v in ("auto", "fsdp2"), "mini-trainer always shards the model with FSDP2"),
     "fsdp_options": (lambda v, c: not fsdp_cpu_offload(v), "mini-trainer has no CPU offload setting"),
     "resume": (lambda v, c: not v, "resuming a run is not wired into the mini-trainer adapter"),
     "keep_last_n_checkpoints": (lambda v, c: v is None, "mini-trainer keeps every checkpoint"),

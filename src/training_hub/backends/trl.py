@@ -68,7 +68,7 @@ def _unsupported(config, algorithm: str) -> list[str]:
     if not in_torchrun_worker() and process_count(config) > 1:
         problems.append("nproc_per_node/nnodes: the trl backend runs in the calling process; for several "
                         "processes launch your script with torchrun (or use backend='native')")
-    if config.strategy != "ddp":
+    if config.strategy == "fsdp2":
         problems.append(f"strategy: {config.strategy!r} is not wired into the trl backend (use backend='native')")
     if fsdp_cpu_offload(config.fsdp_options):
         problems.append("fsdp_options: CPU offload is not wired into the trl backend (use backend='native' with "

@@ -230,7 +230,9 @@ class DistributedParams(DeclaredConfig):
     rdzv_endpoint: Optional[str] = param(None, "Rendezvous endpoint host:port.")
     master_addr: Optional[str] = param(None, "Address of the rank-0 node.")
     master_port: Optional[int] = param(None, "Port of the rank-0 node.", gt=0, lt=65536)
-    strategy: Literal["ddp", "fsdp2"] = param("ddp", "Data parallel strategy: DDP, or FSDP2 (fully_shard per decoder layer).")
+    strategy: Literal["auto", "ddp", "fsdp2"] = param(
+        "auto", "Data parallel strategy: FSDP2 (fully_shard per decoder layer: parameters, gradients and optimizer "
+                "state sharded), DDP (a full copy per process), or auto = FSDP2 on CUDA, as upstream, DDP on CPU.")
     fsdp_options: Optional[Union[dict[str, Any], Any]] = param(
         None, "FSDP options as upstream passes them: a dict, or an FSDPOptions object (instructlab.training's; any "
               "object with cpu_offload_params). cpu_offload_params=True keeps parameters, gradients and optimizer "

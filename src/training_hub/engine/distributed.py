@@ -68,6 +68,11 @@ class Ranks:
 SINGLE = Ranks()
 
 
+def resolve_strategy(strategy: str, cuda: bool) -> str:
+    """``"auto"``: FSDP2 on CUDA (a full fp32 copy per GPU does not fit large models), DDP on CPU."""
+    return ("fsdp2" if cuda else "ddp") if strategy == "auto" else strategy
+
+
 def setup(strategy: str) -> Ranks:
     """Join the torchrun job this process belongs to (or :data:`SINGLE` outside one, or in a world of one)."""
     if not in_torchrun_worker() or int(os.environ["WORLD_SIZE"]) == 1:
@@ -85,7 +90,8 @@ def setup(strategy: str) -> Ranks:
     if owns:
         dist.init_process_group("nccl" if cuda else "gloo", timeout=COLLECTIVE_TIMEOUT, device_id=device_id)
     cpu_group = dist.new_group(backend="gloo", timeout=CPU_PHASE_TIMEOUT) if dist.get_backend() != "gloo" else None
-    return Ranks(rank=dist.get_rank(), world_size=dist.get_world_size(), local_rank=local_rank, strategy=strategy,
+    return Ranks(rank=dist.get_rank(), world_size=dist.get_world_size(), local_rank=local_rank,
+                 strategy=resolve_strategy(strategy, cuda),
                  owns_group=owns, cpu_group=cpu_group)
 
 
