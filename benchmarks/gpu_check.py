@@ -7,15 +7,15 @@
 On CUDA, on a generated ~1B-parameter Llama-style model (built offline by ``make_tiny_model``; no download):
 
 * sft, osft, lora_sft and dpo on one GPU with the defaults (``dtype="auto"``: bf16 autocast, fp32 master
-  weights), a few optimizer steps each: tokens/s, model-FLOPs utilisation against the bf16 matmul peak measured
+  weights; activation checkpointing; the chunked output loss), a few optimizer steps each: tokens/s, model-FLOPs utilisation against the bf16 matmul peak measured
   in the same run, peak memory (``torch.cuda.max_memory_allocated``);
 * the packed-attention self-check's error (a packed sample's logits against its logits alone);
 * with more than one GPU, sft under DDP and under FSDP2 on all of them (``nproc_per_node``).
 
 Everywhere, the 8B dry run: Llama-3-8B's shapes built on the meta device (no memory, no weights), its exact
-parameter count, and the per-GPU memory the engine's current policy needs (fp32 master weights, fp32 gradients,
-AdamW's two fp32 moments; activations and logits by formula) for 1 x H200 and 8 x H100 under DDP and FSDP2. The
-activation and logit figures are estimates from the shapes, not measurements; the GPU runs measure.
+parameter count, and the per-GPU memory the engine's defaults need (see ``dry_run``) for 1 x H200 and 8 x H100
+under DDP and FSDP2. The activation figure is an estimate from the shapes, not a measurement; the GPU runs
+measure.
 
 The last line printed is machine-readable JSON.
 """
@@ -42,43 +42,53 @@ LLAMA3_8B = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32
 GPUS = {"1x H200": (1, 141), "8x H100": (8, 80)}
 
 
-def dry_run(tokens_per_gpu: int = 16384, vocab_fraction_with_loss: float = 1.0) -> dict:
-    """Llama-3-8B on the meta device: parameters, and the per-GPU bytes the engine's current policy needs."""
+def dry_run(tokens_per_gpu: int = 16384) -> dict:
+    """Llama-3-8B on the meta device: parameters, and the per-GPU bytes the engine's defaults need on CUDA.
+
+    The defaults on CUDA: bf16 autocast with fp32 master weights, fp32 gradients and AdamW moments (16 bytes per
+    parameter); activation checkpointing (each layer keeps its bf16 input, one layer's activations live at a time);
+    the output loss in chunks of 2**26 logits (engine.loss); strategy 'auto' = FSDP2 with a bf16
+    MixedPrecisionPolicy on several GPUs (state sharded, no autocast weight copies), DDP when asked.
+    """
     from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from training_hub.engine.loss import CHUNK_ELEMENTS
 
     config = LlamaConfig(**LLAMA3_8B)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     params = sum(p.numel() for p in model.parameters())
-    h, i = config.hidden_size, config.intermediate_size
+    h, i, layers = config.hidden_size, config.intermediate_size, config.num_hidden_layers
     head_dim = h // config.num_attention_heads
     kv = config.num_key_value_heads * head_dim  # width of k and of v
-    # Saved activations per token per layer in bf16 (inputs of every matmul, norms, SwiGLU), no recomputation.
+    layer_params = params // layers  # about (embeddings and head are not in the layers, a small overestimate)
+    # One layer's saved activations per token in bf16 (inputs of every matmul, norms, SwiGLU), recomputed in the
+    # backward; with checkpointing every layer keeps only its bf16 input between forward and backward.
     per_token_layer = 2 * (6 * h + 2 * kv + 4 * i)
-    activations = per_token_layer * config.num_hidden_layers * tokens_per_gpu
-    logits = int(10 * tokens_per_gpu * vocab_fraction_with_loss * config.vocab_size)  # bf16 + fp32 + grad
-    state = {"weights_fp32": 4 * params, "grads_fp32": 4 * params, "adamw_fp32": 8 * params,
-             "bf16_weight_copies": 2 * params}  # autocast's casts, held for the backward
+    activations = tokens_per_gpu * (2 * h * layers + per_token_layer)
+    logits = 10 * CHUNK_ELEMENTS  # one chunk: bf16 logits, their fp32 copy and the gradient
     budgets = {}
     for name, (count, memory_gib) in GPUS.items():
-        for strategy in ("single", "ddp", "fsdp2"):
-            if (count == 1) != (strategy == "single"):
-                continue
+        for strategy in (("single",) if count == 1 else ("ddp", "fsdp2")):
             shard = count if strategy == "fsdp2" else 1
-            ddp_buckets = 4 * params if strategy == "ddp" else 0  # gradient buckets beside the gradients
-            total = (sum(state.values()) // shard + ddp_buckets + activations + logits)
+            state = 16 * params // shard  # fp32 weights + grads + AdamW moments
+            copies = 2 * 2 * layer_params if strategy == "fsdp2" else 2 * params  # 2 gathered bf16 layers / autocast
+            buckets = 4 * params if strategy == "ddp" else 0  # DDP's gradient buckets
+            total = state + copies + buckets + activations + logits
             budgets[f"{name} {strategy}"] = {"per_gpu_gib": round(total / GIB, 1), "gpu_gib": memory_gib,
                                              "fits": total / GIB < memory_gib * 0.95}
     return {"model": "Llama-3-8B shapes (meta device)", "parameters": params, "head_dim": head_dim,
-            "tokens_per_gpu": tokens_per_gpu, "bytes": {**state, "activations_est": activations, "logits_est": logits},
-            "activation_bytes_per_token_est": per_token_layer * config.num_hidden_layers, "budgets": budgets}
+            "tokens_per_gpu": tokens_per_gpu,
+            "bytes": {"weights_grads_adamw_fp32": 16 * params, "bf16_weight_copies_unsharded": 2 * params,
+                      "activations_checkpointed_est": activations, "logits_one_chunk": logits},
+            "activation_bytes_per_token_est": 2 * h * layers + per_token_layer, "budgets": budgets}
 
 
 def print_dry_run(result: dict) -> None:
     print(f"\n8B dry run: {result['parameters'] / 1e9:.2f}B parameters, {result['tokens_per_gpu']} tokens per GPU "
           f"micro-batch (activations ~{result['activation_bytes_per_token_est'] / 2**20:.1f} MiB/token, estimate)")
     for key, value in result["bytes"].items():
-        print(f"  {key:22s} {value / GIB:8.1f} GiB")
+        print(f"  {key:30s} {value / GIB:8.1f} GiB")
     for name, budget in result["budgets"].items():
         verdict = "fits" if budget["fits"] else "does NOT fit"
         print(f"  {name:18s} {budget['per_gpu_gib']:8.1f} GiB per GPU of {budget['gpu_gib']} GiB: {verdict}")
