@@ -1,6 +1,7 @@
 """The ``training-hub`` command. Flags of ``train`` are generated from each algorithm's declaration.
 
 Boolean flags take an optional value: ``--resume``, ``--resume true``, ``--resume=false``, ``--no-resume``.
+Paths in a ``--config`` YAML file are relative to the current directory, as on the command line.
 
 Exit codes (every sub-command):
 
