@@ -34,7 +34,7 @@ def test_resume_refuses_different_data_and_settings(tiny_model_dir, chat_data, t
     other = tmp_path / "other.jsonl"
     lines = chat_data.read_text().splitlines()
     other.write_text("\n".join(lines[1:] + lines[:1]) + "\n")  # the same records, another order: other content
-    with pytest.raises(ValueError, match="data_sha256: saved"):
+    with pytest.raises(ValueError, match="the training data's content changed"):
         run(tiny_model_dir, other, out, max_steps=2, resume=True)
     with pytest.raises(ValueError, match=r"learning_rate: saved 0\.001, now 0\.002.*resume_changes=\['learning_rate'\]"):
         run(tiny_model_dir, chat_data, out, max_steps=2, resume=True, learning_rate=2e-3)
