@@ -1,17 +1,31 @@
 """Throughput of our native `sft` against TRL's `SFTTrainer`, same model, data, batch and token budget.
 
-    python benchmarks/sft_throughput.py                 # ~10M-parameter tiny Qwen2, fp32 on CPU (or CUDA)
-    python benchmarks/sft_throughput.py --steps 4 --skip-trl   # a quick look at ours only
+    python benchmarks/sft_throughput.py                      # 12.5M-parameter tiny Qwen2, both comparisons
+    python benchmarks/sft_throughput.py --size 100m --steps 3  # 110M-parameter Qwen2 (slow on 2 CPU cores)
+    python benchmarks/sft_throughput.py --quick              # 3 short steps and short peak measurements
 
-Both trainers get the same tiny model (``make_tiny_model`` with bigger sizes), the same synthetic chat data
-(loss on assistant turns only), the same number of samples per optimizer step and the same number of
-optimizer steps, with padding-free batches on both sides (TRL: ``padding_free=True``, which packs each
-micro-batch into one row with restarting position ids, like ours), no gradient checkpointing on either side
-(TRL's default would turn it on), SDPA attention. TRL's micro-batch size in samples is chosen so that its
-micro-batches hold about the same number of tokens as our ``max_tokens_per_gpu`` budget.
+One run makes two comparisons, each in the same process, one trainer after the other:
+
+* **defaults**: each trainer as it comes. Ours: ``sft()`` with no ``gradient_checkpointing`` and the dtype of
+  ``--ours-dtype``, which defaults to what ``engine.precision.autocast_dtype("auto", device)`` picks (bf16 on
+  CUDA and on CPUs with AMX/AVX512-BF16), passed explicitly so that the figure does not depend on whether
+  ``sft()``'s own ``dtype="auto"`` has been wired to that rule yet (``--ours-dtype auto`` leaves it to ``sft()``).
+  TRL: ``SFTConfig`` defaults (bf16 autocast unless fp16, gradient checkpointing on, padded micro-batches of
+  ``per_device_train_batch_size=8`` samples), apart from what must match: the effective batch (through
+  gradient accumulation), steps, learning rate and schedule, and loss on assistant tokens only.
+* **equal**: the same precision (``--equal-dtype``, default bf16 autocast), padding-free micro-batches on both
+  sides (TRL: ``padding_free=True``, one packed row per micro-batch with restarting position ids, like ours), no
+  activation checkpointing on either side, SDPA. TRL's micro-batch size in samples is chosen so that its
+  micro-batches hold about the same number of tokens as our ``max_tokens_per_gpu`` budget. When ours at its
+  defaults already uses these settings, the one run of ours serves both comparisons.
+
+Both trainers get the same model (``make_tiny_model`` with bigger sizes, fp32 master weights), the same
+synthetic chat data (loss on assistant turns only), the same samples per optimizer step and the same number of
+optimizer steps.
 
 Model-FLOPs utilisation is ``6 * parameters * tokens_per_second / peak``, where the peak is the best rate of
-``torch.matmul`` on large square fp32 matrices measured in the same run (before, between and after the training runs).
+``torch.matmul`` on large square matrices **of the dtype the trainer computes in** (fp32, or bf16 for bf16
+autocast), both measured in the same run (before, between and after the training runs).
 The last line printed is machine-readable JSON.
 """
 
@@ -52,17 +66,39 @@ def synthetic_chats(n: int, seed: int, mean_words: int) -> list[dict]:
     return chats
 
 
-def matmul_peak(seconds_per_size: float = 2.0, sizes=(2048, 3072, 4096)) -> float:
-    """Best fp32 ``torch.matmul`` rate (FLOP/s) on large square matrices, on the device the trainers use.
+SIZES = {  # --size: make_tiny_model arguments
+    "default": dict(hidden_size=512, num_layers=3, num_heads=8, num_kv_heads=4, vocab_size=4096),
+    # 110M parameters with the 8,192-token vocabulary (GPT-2-small widths, Qwen2 layout, 4 KV heads)
+    "100m": dict(hidden_size=768, num_layers=12, num_heads=12, num_kv_heads=4, vocab_size=8192),
+}
+
+
+def tokenizer_corpus(size: str, vocab_size: int, seed: int = 0):
+    """None (make_tiny_model's own corpus, which supports ~1,280 tokens) for the default size, as in earlier
+    runs; for bigger sizes the chats' words plus random letter strings, enough for ``vocab_size`` BPE tokens, so
+    that the output layer has a realistic width (the chats themselves still tokenize into the common words)."""
+    if size == "default":
+        return None
+    rng = random.Random(seed)
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    junk = [" ".join("".join(rng.choice(letters) for _ in range(rng.randint(3, 9))) for _ in range(64))
+            for _ in range(vocab_size // 4)]
+    return [" ".join(WORDS)] * 8 + junk
+
+
+def matmul_peak(dtype=torch.float32, seconds_per_size: float = 1.0, sizes=(1024, 1536, 2048, 3072, 4096)
+                ) -> float:
+    """Best ``torch.matmul`` rate (FLOP/s) in ``dtype`` on large square matrices, on the device the trainers use.
 
     The best single multiplication over a few sizes: on a shared machine, the least disturbed moment counts,
-    which makes the utilisation figures conservative.
+    which makes the utilisation figures conservative. (On a 2-core AMX CPU bf16 peaks at 1536-2048: larger
+    matrices fall out of the caches and run at less than half that rate; fp32 is flat.)
     """
     device = "cuda" if torch.cuda.is_available() else "cpu"
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     best = 0.0
     for n in sizes:
-        a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+        a, b = (torch.randn(n, n, device=device).to(dtype) for _ in range(2))
         torch.matmul(a, b)
         end = time.perf_counter() + seconds_per_size
         while time.perf_counter() < end:
@@ -74,26 +110,37 @@ def matmul_peak(seconds_per_size: float = 2.0, sizes=(2048, 3072, 4096)) -> floa
     return best
 
 
-def run_ours(model_dir: Path, data: Path, out: Path, args) -> dict:
+def run_ours(model_dir: Path, data: Path, out: Path, args, dtype: str) -> dict:
+    """``sft()`` without gradient checkpointing; ``dtype`` "auto" is not passed at all (sft()'s own choice)."""
     from training_hub import sft
 
-    result = sft(model_path=str(model_dir), data_path=str(data), ckpt_output_dir=str(out),
-                 max_seq_len=args.max_seq_len, max_tokens_per_gpu=args.max_tokens_per_gpu,
-                 effective_batch_size=args.batch, max_steps=args.steps, learning_rate=1e-4,
-                 lr_scheduler="constant", save_final_checkpoint=False, disable_progress_bar=True, dtype="float32")
+    extra = {} if dtype == "auto" else {"dtype": dtype}
+    sft(model_path=str(model_dir), data_path=str(data), ckpt_output_dir=str(out),
+        max_seq_len=args.max_seq_len, max_tokens_per_gpu=args.max_tokens_per_gpu,
+        effective_batch_size=args.batch, max_steps=args.steps, learning_rate=1e-4,
+        lr_scheduler="constant", save_final_checkpoint=False, disable_progress_bar=True, **extra)
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    records = [r for r in records if r.get("type", "train") == "train" and "tokens" in r]
     tokens = sum(r["tokens"] for r in records)
     seconds = records[-1]["elapsed"]  # from the start of the loop to the end of the last step
-    return {"tokens": tokens, "seconds": seconds, "tokens_per_second": tokens / seconds,
+    return {"dtype": dtype, "gradient_checkpointing": False, "batches": "packed", "tokens": tokens,
+            "seconds": seconds, "tokens_per_second": tokens / seconds,
             "mean_loss": sum(r["loss"] for r in records) / len(records), "steps": len(records)}
 
 
-def run_trl(model_dir: Path, chats: list[dict], out: Path, args, mean_tokens: float) -> dict:
+def run_trl(model_dir: Path, chats: list[dict], out: Path, args, mean_tokens: float, defaults: bool) -> dict:
+    """TRL's SFTTrainer at its defaults (``defaults=True``) or with the equal settings (see the module doc)."""
     import datasets
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl import SFTConfig, SFTTrainer
 
-    micro = max(1, min(args.batch, int(args.max_tokens_per_gpu // mean_tokens)))
+    if defaults:
+        micro = min(args.batch, 8)  # SFTConfig's per_device_train_batch_size
+        settings = {}  # bf16, gradient_checkpointing, padding_free, max_length: TRL's defaults
+    else:
+        micro = max(1, min(args.batch, int(args.max_tokens_per_gpu // mean_tokens)))
+        settings = dict(max_length=None, padding_free=True, gradient_checkpointing=False,  # all samples fit
+                        bf16=args.equal_dtype == "bfloat16", fp16=False)
     while args.batch % micro:
         micro -= 1
     clock = {}
@@ -106,13 +153,12 @@ def run_trl(model_dir: Path, chats: list[dict], out: Path, args, mean_tokens: fl
             clock["end"] = time.perf_counter()
 
     config = SFTConfig(
-        output_dir=str(out), max_length=None, assistant_only_loss=True, padding_free=True,  # all samples fit
+        output_dir=str(out), assistant_only_loss=True,
         per_device_train_batch_size=micro, gradient_accumulation_steps=args.batch // micro, max_steps=args.steps,
         learning_rate=1e-4, lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0,
-        adam_beta1=0.9, adam_beta2=0.95, max_grad_norm=1.0, use_cpu=not torch.cuda.is_available(), bf16=False,
-        fp16=False, report_to="none", save_strategy="no", logging_steps=max(args.steps, 1),
-        dataloader_num_workers=0, disable_tqdm=True, seed=42,
-        gradient_checkpointing=False)  # TRL's default is True; ours is False: compare like with like
+        adam_beta1=0.9, adam_beta2=0.95, max_grad_norm=1.0, use_cpu=not torch.cuda.is_available(),
+        report_to="none", save_strategy="no", logging_steps=max(args.steps, 1),
+        dataloader_num_workers=0, disable_tqdm=True, seed=42, **settings)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="sdpa")
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     trainer = SFTTrainer(model=model, args=config, train_dataset=datasets.Dataset.from_list(chats),
@@ -120,35 +166,58 @@ def run_trl(model_dir: Path, chats: list[dict], out: Path, args, mean_tokens: fl
     tokens = sum(len(ids) for ids in trainer.train_dataset["input_ids"][:args.steps * args.batch])
     out_metrics = trainer.train().metrics
     seconds = clock["end"] - clock["start"]
-    return {"tokens": tokens, "seconds": seconds, "tokens_per_second": tokens / seconds,
-            "mean_loss": out_metrics.get("train_loss"), "steps": args.steps, "micro_batch_samples": micro}
+    return {"dtype": "bfloat16" if config.bf16 else "float32",
+            "gradient_checkpointing": bool(config.gradient_checkpointing),
+            "batches": "padding-free" if config.padding_free else "padded", "tokens": tokens, "seconds": seconds,
+            "tokens_per_second": tokens / seconds, "mean_loss": out_metrics.get("train_loss"), "steps": args.steps,
+            "micro_batch_samples": micro}
 
 
 def main(argv=None) -> dict:
+    from training_hub.engine.precision import autocast_dtype
+
+    device_type = "cuda" if torch.cuda.is_available() else "cpu"
+    auto = "bfloat16" if autocast_dtype("auto", torch.device(device_type)) is torch.bfloat16 else "float32"
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--size", choices=sorted(SIZES), default="default",
+                        help="model size: default 12.5M parameters, 100m 110M (overridden by the three below)")
+    parser.add_argument("--hidden-size", type=int)
+    parser.add_argument("--num-layers", type=int)
+    parser.add_argument("--vocab-size", type=int)
     parser.add_argument("--steps", type=int, default=8, help="optimizer steps per trainer")
     parser.add_argument("--batch", type=int, default=32, help="samples per optimizer step (effective batch)")
     parser.add_argument("--max-tokens-per-gpu", type=int, default=4096, help="token budget of one micro-batch")
     parser.add_argument("--max-seq-len", type=int, default=1024)
     parser.add_argument("--mean-words", type=int, default=40, help="mean words per message of the synthetic chats")
-    parser.add_argument("--hidden-size", type=int, default=512)
-    parser.add_argument("--num-layers", type=int, default=3)
-    parser.add_argument("--vocab-size", type=int, default=4096)
+    parser.add_argument("--ours-dtype", choices=("auto", "bfloat16", "float32"), default=auto,
+                        help=f"dtype passed to our sft() in the defaults comparison (default here: {auto}, what "
+                             "precision.autocast_dtype('auto') picks; 'auto' passes none)")
+    parser.add_argument("--equal-dtype", choices=("bfloat16", "float32"), default="bfloat16",
+                        help="precision of both trainers in the equal-settings comparison")
+    parser.add_argument("--peak-seconds", type=float, default=1.0, help="seconds per matrix size and dtype")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument("--quick", action="store_true", help="3 steps of 16 samples, short peak measurements")
     parser.add_argument("--skip-trl", action="store_true")
+    parser.add_argument("--only", choices=("defaults", "equal"), help="run one comparison only")
     args = parser.parse_args(argv)
+    if args.quick:
+        args.steps, args.batch, args.peak_seconds = min(args.steps, 3), min(args.batch, 16), 0.3
+    size = {**SIZES[args.size], **{k: v for k, v in (("hidden_size", args.hidden_size),
+                                                     ("num_layers", args.num_layers),
+                                                     ("vocab_size", args.vocab_size)) if v}}
 
-    from transformers import AutoTokenizer
+    from transformers import AutoConfig, AutoTokenizer
 
     from training_hub.tiny import make_tiny_model
 
     if args.threads:
         torch.set_num_threads(args.threads)
     work = Path(tempfile.mkdtemp(prefix="sft-bench-"))
-    model_dir = make_tiny_model(work / "model", hidden_size=args.hidden_size, num_layers=args.num_layers,
-                                num_heads=8, num_kv_heads=4, vocab_size=args.vocab_size)
-    params = sum(p.numel() for p in __import__("transformers").AutoModelForCausalLM.from_pretrained(
-        model_dir).parameters())
+    model_dir = make_tiny_model(work / "model", corpus=tokenizer_corpus(args.size, size["vocab_size"]), **size)
+    model_config = AutoConfig.from_pretrained(model_dir)
+    with torch.device("meta"):
+        params = sum(p.numel() for p in __import__("transformers").AutoModelForCausalLM.from_config(
+            model_config).parameters())
     chats = synthetic_chats(args.steps * args.batch, seed=0, mean_words=args.mean_words)
     data = work / "chats.jsonl"
     data.write_text("".join(json.dumps(c) + "\n" for c in chats))
@@ -156,32 +225,72 @@ def main(argv=None) -> dict:
     mean_tokens = sum(len(tokenizer.apply_chat_template(c["messages"], return_dict=True)["input_ids"])
                       for c in chats) / len(chats)
 
-    peaks = [matmul_peak()]  # measured before, between and after the runs; the best one is the peak
-    ours = run_ours(model_dir, data, work / "ours", args)
-    peaks.append(matmul_peak())
-    trl = None if args.skip_trl else run_trl(model_dir, chats, work / "trl", args, mean_tokens)
-    peaks.append(matmul_peak())
-    peak = max(peaks)
+    peaks = {"float32": [], "bfloat16": []}  # measured before, between and after the runs; the best is the peak
 
-    device = "cuda" if torch.cuda.is_available() else f"cpu ({torch.get_num_threads()} threads)"
-    mfu = lambda r: 6 * params * r["tokens_per_second"] / peak  # noqa: E731
-    print(f"\nSFT throughput, {params / 1e6:.1f}M-parameter Qwen2 (hidden {args.hidden_size}, {args.num_layers} "
-          f"layers), fp32, {device}; {args.steps} steps x {args.batch} samples, mean {mean_tokens:.0f} "
-          f"tokens/sample, micro-batch budget {args.max_tokens_per_gpu} tokens; matmul peak "
-          f"{peak / 1e9:.1f} GFLOP/s")
-    print(f"{'trainer':<22}{'tokens':>9}{'seconds':>9}{'tokens/s':>10}{'MFU':>8}")
-    for name, r in (("training_hub native", ours), ("TRL SFTTrainer", trl)):
-        if r:
-            print(f"{name:<22}{r['tokens']:>9}{r['seconds']:>9.2f}{r['tokens_per_second']:>10.0f}"
-                  f"{100 * mfu(r):>7.1f}%")
-    ratio = ours["tokens_per_second"] / trl["tokens_per_second"] if trl else None
-    if ratio:
-        print(f"ours / TRL: {ratio:.2f}x")
-    summary = {"benchmark": "sft_throughput", "params": params, "device": device, "steps": args.steps,
+    def measure_peaks():
+        for name, dt in (("float32", torch.float32), ("bfloat16", torch.bfloat16)):
+            peaks[name].append(matmul_peak(dt, args.peak_seconds))
+
+    ours_equal_dtype = auto if args.ours_dtype == "auto" else args.ours_dtype  # what "auto" should give
+    plan = []  # (comparison, trainer, thunk)
+    if args.only != "equal":
+        plan.append(("defaults", "ours", lambda: run_ours(model_dir, data, work / "ours-defaults", args,
+                                                          args.ours_dtype)))
+        if not args.skip_trl:
+            plan.append(("defaults", "trl", lambda: run_trl(model_dir, chats, work / "trl-defaults", args,
+                                                            mean_tokens, defaults=True)))
+    if args.only != "defaults":
+        if args.only == "equal" or ours_equal_dtype != args.equal_dtype or args.ours_dtype == "auto":
+            plan.append(("equal", "ours", lambda: run_ours(model_dir, data, work / "ours-equal", args,
+                                                           args.equal_dtype)))
+        if not args.skip_trl:
+            plan.append(("equal", "trl", lambda: run_trl(model_dir, chats, work / "trl-equal", args, mean_tokens,
+                                                         defaults=False)))
+    results = {"defaults": {}, "equal": {}}
+    measure_peaks()
+    for comparison, trainer, thunk in plan:
+        results[comparison][trainer] = thunk()
+        measure_peaks()
+    if args.only != "defaults" and "ours" not in results["equal"]:
+        results["equal"]["ours"] = {**results["defaults"]["ours"], "same_run_as": "defaults"}
+    peak = {name: max(values) for name, values in peaks.items()}
+
+    device = "cuda" if device_type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
+    for r in (r for c in results.values() for r in c.values()):
+        used = auto if r["dtype"] == "auto" else r["dtype"]
+        r["mfu"] = 6 * params * r["tokens_per_second"] / peak[used]
+        r["mfu_of"] = f"{used} peak"
+    print(f"\nSFT throughput, {params / 1e6:.1f}M-parameter Qwen2 (hidden {size['hidden_size']}, "
+          f"{size['num_layers']} layers, vocabulary {model_config.vocab_size}), {device}; {args.steps} steps x "
+          f"{args.batch} samples, mean {mean_tokens:.0f} tokens/sample, micro-batch budget "
+          f"{args.max_tokens_per_gpu} tokens")
+    print(f"matmul peaks in this run: fp32 {peak['float32'] / 1e9:.0f} GFLOP/s, bf16 {peak['bfloat16'] / 1e9:.0f} "
+          f"GFLOP/s; MFU is against the peak of the dtype each trainer computes in")
+    print(f"ours at defaults used dtype={args.ours_dtype!r}"
+          + (" (not passed: sft()'s own choice)" if args.ours_dtype == "auto" else
+             f" (passed explicitly; precision.autocast_dtype('auto') gives {auto} on this {device_type})"))
+    print(f"{'comparison':<11}{'trainer':<22}{'dtype':<10}{'ckpt':<6}{'batches':<14}{'tokens':>8}{'seconds':>9}"
+          f"{'tokens/s':>10}{'MFU':>8}")
+    ratios = {}
+    for comparison, pair in results.items():
+        for trainer, name in (("ours", "training_hub native"), ("trl", "TRL SFTTrainer")):
+            r = pair.get(trainer)
+            if r:
+                note = " (same run)" if r.get("same_run_as") else ""
+                print(f"{comparison:<11}{name:<22}{r['dtype']:<10}{'yes' if r['gradient_checkpointing'] else 'no':<6}"
+                      f"{r['batches']:<14}{r['tokens']:>8}{r['seconds']:>9.2f}{r['tokens_per_second']:>10.0f}"
+                      f"{100 * r['mfu']:>7.1f}%{note}")
+        if "ours" in pair and "trl" in pair:
+            ratios[comparison] = pair["ours"]["tokens_per_second"] / pair["trl"]["tokens_per_second"]
+    for comparison, ratio in ratios.items():
+        print(f"ours / TRL, {comparison}: {ratio:.2f}x")
+    summary = {"benchmark": "sft_throughput", "size": args.size, "params": params,
+               "vocab_size": model_config.vocab_size, "device": device, "steps": args.steps, "batch": args.batch,
+               "max_tokens_per_gpu": args.max_tokens_per_gpu, "mean_tokens_per_sample": round(mean_tokens, 1),
+               "ours_dtype": args.ours_dtype, "auto_dtype": auto, "equal_dtype": args.equal_dtype,
+               "matmul_peak_flops": peak, "matmul_peaks": peaks,
                "load_average_1m_after": round(__import__("os").getloadavg()[0], 2),
-               "batch": args.batch, "max_tokens_per_gpu": args.max_tokens_per_gpu,
-               "mean_tokens_per_sample": round(mean_tokens, 1), "matmul_peak_flops": peak, "matmul_peaks": peaks,
-               "ours": {**ours, "mfu": mfu(ours)}, "trl": trl and {**trl, "mfu": mfu(trl)}, "ratio": ratio}
+               "defaults": results["defaults"], "equal": results["equal"], "ratios": ratios}
     print(json.dumps(summary))
     shutil.rmtree(work, ignore_errors=True)
     return summary

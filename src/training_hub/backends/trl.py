@@ -147,10 +147,10 @@ def training_arguments(config, args_class: type, *, root: Path, row_tokens: int,
     per_process = config.effective_batch_size // world
     budget = config.max_tokens_per_gpu or config.max_seq_len
     micro = _micro_batch(per_process, row_tokens * rows_per_sample, budget)
-    from training_hub.engine.precision import autocast_dtype
+    from training_hub.engine.model import compute_dtype
 
     cuda = torch.cuda.is_available()
-    bf16 = autocast_dtype(config.dtype, torch.device("cuda" if cuda else "cpu")) == torch.bfloat16  # as native
+    bf16 = compute_dtype(config, torch.device("cuda" if cuda else "cpu")) == torch.bfloat16  # as native
     scheduler, scheduler_kwargs = {"constant": "constant_with_warmup", "linear": "linear",
                                    "cosine": "cosine"}[config.lr_scheduler], {}
     ratio = (config.lr_scheduler_kwargs or {}).get("min_lr_ratio")

@@ -112,8 +112,9 @@ class BatchParams(DeclaredConfig):
 class RuntimeParams(DeclaredConfig):
     group_title = "Precision and memory"
 
-    dtype: Literal["auto", "float32", "bfloat16"] = param("auto", "Training precision (fp32 master weights): auto = bf16 autocast on CUDA and on CPUs "
-                                      "with native bf16 (AMX/AVX512-BF16), fp32 elsewhere.")
+    dtype: Literal["auto", "float32", "bfloat16"] = param(
+        "auto", "Training precision (fp32 master weights): auto = bf16 autocast on CUDA, and on CPUs with native bf16 "
+                "(AMX/AVX512-BF16) for models of hidden size >= 512; fp32 elsewhere (tiny models train faster in fp32).")
     gradient_checkpointing: Optional[bool] = param(
         None, "Recompute activations in the backward pass to save memory (about 8 MB per token at 8B parameters); "
               "None: on with CUDA, off on CPU (where memory is rarely the limit and recomputing costs a third more).")

@@ -35,14 +35,26 @@ def checkpointing(setting: bool | None, device: torch.device) -> bool:
     return device.type == "cuda" if setting is None else setting
 
 
-def device_and_autocast(dtype: str) -> tuple[torch.device, Callable[[], Any]]:
-    """CUDA when present, else CPU; bf16 autocast where ``precision.autocast_dtype`` says so ('bfloat16', or 'auto'
-    on CUDA and on CPUs with native bf16), else plain fp32. The master weights stay fp32 either way."""
+def compute_dtype(config: Any, device: torch.device) -> torch.dtype | None:
+    """The run's autocast dtype (None: fp32): ``precision.autocast_dtype`` for its ``dtype`` setting, the device
+    and the model's width (read from its config.json, no weights)."""
+    from transformers import AutoConfig
+
+    hidden = None
+    if config.dtype == "auto" and device.type == "cpu":
+        model_config = AutoConfig.from_pretrained(config.model_path, trust_remote_code=config.trust_remote_code)
+        hidden = getattr(model_config.get_text_config(), "hidden_size", None)
+    return autocast_dtype(config.dtype, device, hidden)
+
+
+def device_and_autocast(config: Any) -> tuple[torch.device, Callable[[], Any]]:
+    """CUDA when present, else CPU; bf16 autocast where :func:`compute_dtype` says so ('bfloat16', or 'auto' on CUDA
+    and, for wide enough models, on CPUs with native bf16), else plain fp32. The master weights stay fp32."""
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     if device.type == "cuda":  # TF32 for what stays in fp32 (OSFT's projections, fp32 runs): 8x the fp32 rate
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    compute = autocast_dtype(dtype, device)
+    compute = compute_dtype(config, device)
     if compute is not None:
         return device, lambda: torch.autocast(device.type, dtype=compute)
     return device, contextlib.nullcontext

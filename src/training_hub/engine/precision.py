@@ -60,11 +60,18 @@ def cpu_has_native_bf16() -> bool:
     return bool(_cpuinfo_flags() & _BF16_CPU_FLAGS)
 
 
-def autocast_dtype(dtype: str, device: torch.device) -> torch.dtype | None:
+# On CPU, bf16 pays off only when the matmuls are big enough to outweigh the casts around them. Measured on this
+# machine (AMX, 2 threads): hidden 512 (12.5M parameters) trains about 2x faster in bf16 than TRL's bf16 default
+# and faster than fp32; the 190k-parameter demo model (hidden 64) trains 0.65x as fast in bf16 as in fp32.
+CPU_BF16_MIN_HIDDEN = 512
+
+
+def autocast_dtype(dtype: str, device: torch.device, hidden_size: int | None = None) -> torch.dtype | None:
     """The autocast dtype for a run's ``dtype`` setting on ``device``; None means plain fp32 (no autocast).
 
-    "bfloat16" -> torch.bfloat16; "float32" -> None; "auto" -> torch.bfloat16 on CUDA or on a CPU with native
-    bf16 (see :func:`cpu_has_native_bf16`), else None.
+    "bfloat16" -> torch.bfloat16; "float32" -> None; "auto" -> torch.bfloat16 on CUDA, and on a CPU with native
+    bf16 (see :func:`cpu_has_native_bf16`) for models at least ``CPU_BF16_MIN_HIDDEN`` wide (``hidden_size``;
+    None: assume wide enough), else None.
     """
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(map(repr, DTYPES))}, got {dtype!r}")
@@ -73,6 +80,7 @@ def autocast_dtype(dtype: str, device: torch.device) -> torch.dtype | None:
     if dtype == "float32":
         return None
     device = torch.device(device)
-    if device.type == "cuda" or (device.type == "cpu" and cpu_has_native_bf16()):
+    if device.type == "cuda":
         return torch.bfloat16
-    return None
+    wide = hidden_size is None or hidden_size >= CPU_BF16_MIN_HIDDEN
+    return torch.bfloat16 if device.type == "cpu" and cpu_has_native_bf16() and wide else None
