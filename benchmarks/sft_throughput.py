@@ -7,9 +7,9 @@
 One run makes two comparisons, each in the same process, one trainer after the other:
 
 * **defaults**: each trainer as it comes. Ours: ``sft()`` with no ``gradient_checkpointing`` and the dtype of
-  ``--ours-dtype``, which defaults to what ``engine.precision.autocast_dtype("auto", device)`` picks (bf16 on
-  CUDA and on CPUs with AMX/AVX512-BF16), passed explicitly so that the figure does not depend on whether
-  ``sft()``'s own ``dtype="auto"`` has been wired to that rule yet (``--ours-dtype auto`` leaves it to ``sft()``).
+  ``--ours-dtype``, which defaults to what ``engine.precision.autocast_dtype("auto", device, hidden_size)``
+  picks (bf16 on CUDA, and on CPUs with AMX/AVX512-BF16 for models at least 512 wide), passed explicitly so
+  that the figure shows which dtype ours used (``--ours-dtype auto`` leaves it to ``sft()``).
   TRL: ``SFTConfig`` defaults (bf16 autocast unless fp16, gradient checkpointing on, padded micro-batches of
   ``per_device_train_batch_size=8`` samples), apart from what must match: the effective batch (through
   gradient accumulation), steps, learning rate and schedule, and loss on assistant tokens only.
@@ -177,7 +177,6 @@ def main(argv=None) -> dict:
     from training_hub.engine.precision import autocast_dtype
 
     device_type = "cuda" if torch.cuda.is_available() else "cpu"
-    auto = "bfloat16" if autocast_dtype("auto", torch.device(device_type)) is torch.bfloat16 else "float32"
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--size", choices=sorted(SIZES), default="default",
                         help="model size: default 12.5M parameters, 100m 110M (overridden by the three below)")
@@ -189,9 +188,10 @@ def main(argv=None) -> dict:
     parser.add_argument("--max-tokens-per-gpu", type=int, default=4096, help="token budget of one micro-batch")
     parser.add_argument("--max-seq-len", type=int, default=1024)
     parser.add_argument("--mean-words", type=int, default=40, help="mean words per message of the synthetic chats")
-    parser.add_argument("--ours-dtype", choices=("auto", "bfloat16", "float32"), default=auto,
-                        help=f"dtype passed to our sft() in the defaults comparison (default here: {auto}, what "
-                             "precision.autocast_dtype('auto') picks; 'auto' passes none)")
+    parser.add_argument("--ours-dtype", choices=("auto", "bfloat16", "float32"),
+                        help="dtype passed to our sft() in the defaults comparison (default: what "
+                             "precision.autocast_dtype('auto') picks for this device and model width; 'auto' passes "
+                             "none)")
     parser.add_argument("--equal-dtype", choices=("bfloat16", "float32"), default="bfloat16",
                         help="precision of both trainers in the equal-settings comparison")
     parser.add_argument("--peak-seconds", type=float, default=1.0, help="seconds per matrix size and dtype")
@@ -205,6 +205,9 @@ def main(argv=None) -> dict:
     size = {**SIZES[args.size], **{k: v for k, v in (("hidden_size", args.hidden_size),
                                                      ("num_layers", args.num_layers),
                                                      ("vocab_size", args.vocab_size)) if v}}
+    auto = "bfloat16" if autocast_dtype("auto", torch.device(device_type),
+                                        hidden_size=size["hidden_size"]) is torch.bfloat16 else "float32"
+    args.ours_dtype = args.ours_dtype or auto
 
     from transformers import AutoConfig, AutoTokenizer
 
