@@ -21,7 +21,7 @@ from training_hub.backends.common import BuiltinBackend, passthrough_names
 from training_hub.config.declare import (
     UPSTREAM_GROUP, ParameterError, optional_params, param_specs, required_params, validate_params,
 )
-from training_hub.config.upstream import fold_translated, upstream_call, warn_ignored
+from training_hub.config.upstream import validated_call, warn_ignored
 from training_hub.registry import Algorithm, AlgorithmRegistry, Backend, BackendUnavailableError, create_algorithm
 
 logger = logging.getLogger("training_hub")
@@ -103,16 +103,15 @@ def prepare_call(name: str, params: Dict[str, Any], backend: type | None = None,
     ``backend`` when it is named, else those of any of the algorithm's backends (the choice then honours them).
     """
     config_class = config_class or AlgorithmRegistry.get_algorithm(name).config_class
-    given = upstream_call(params, config_class)
     specs = param_specs(config_class)
     candidates = [backend] if backend is not None else list(_backend_classes(name).values())
     takes = frozenset().union(*(passthrough_names(b) for b in candidates))
-    options = {n: given.pop(n) for n in list(given) if n not in specs and n in takes}
+    options = {n: v for n, v in params.items() if n not in specs and n in takes}
+    ours = {n: v for n, v in params.items() if n not in options}
     try:
-        config = validate_params(config_class, given, what=f"{name}()")
+        config, names = validated_call(config_class, ours, what=f"{name}()")
     except ParameterError as exc:
-        raise _with_passthrough_hints(name, exc, [n for n in given if n not in specs]) from None
-    config, names = fold_translated(config, list(given), what=f"{name}()")
+        raise _with_passthrough_hints(name, exc, [n for n in ours if n not in specs]) from None
     return Call(config, names, options)
 
 

@@ -15,8 +15,8 @@ from __future__ import annotations
 import importlib.util
 from typing import Any, ClassVar, Dict
 
-from training_hub.config.declare import ParameterError, validate_params
-from training_hub.config.upstream import fold_translated, upstream_call
+from training_hub.config.declare import ParameterError
+from training_hub.config.upstream import validated_call
 from training_hub.registry import Availability, Backend
 
 
@@ -157,10 +157,9 @@ class BuiltinBackend(Backend):
         """The seed contract, for direct callers: validate the plain dict, then :meth:`train_config`."""
         takes = passthrough_names(type(self))
         options = {k: v for k, v in algorithm_params.items() if k in takes}
-        params = upstream_call({k: v for k, v in algorithm_params.items() if k not in takes}, self.config_class())
-        what = f"the {self.name} {self.algorithm} backend"
-        config, names = fold_translated(validate_params(self.config_class(), params, what=what), list(params),
-                                        what=what)
+        config, names = validated_call(self.config_class(), {k: v for k, v in algorithm_params.items()
+                                                             if k not in takes},
+                                       what=f"the {self.name} {self.algorithm} backend")
         return self.train_config(config, set(names), options)
 
     def train_config(self, config: Any, given: set[str], options: Dict[str, Any] | None = None) -> Any:

@@ -23,7 +23,7 @@ import typing
 import warnings
 from typing import Any
 
-from training_hub.config.declare import ParameterError, param_specs
+from training_hub.config.declare import ParameterError, param_specs, validate_params
 from training_hub.config.groups import fsdp_options_dict
 
 
@@ -54,6 +54,15 @@ def upstream_call(params: dict[str, Any], config_class: type) -> dict[str, Any]:
             value = [value]
         out[name] = value
     return out
+
+
+def validated_call(config_class: type, params: dict[str, Any], *, what: str) -> tuple[Any, list[str]]:
+    """A call's typed config and the names a backend is to receive: upstream conventions (:func:`upstream_call`),
+    validation (one ``ParameterError`` listing every problem), then the translated upstream names
+    (:func:`fold_translated`). The one path from a plain dict to a config, for the algorithms and for backends
+    called directly."""
+    given = upstream_call(params, config_class)
+    return fold_translated(validate_params(config_class, given, what=what), list(given), what=what)
 
 
 def fold_translated(config: Any, given: set[str] | list[str], *, what: str) -> tuple[Any, list[str]]:

@@ -256,7 +256,7 @@ def train_dpo(config: Any) -> TrainingResult:
 
     root = Path(config.ckpt_output_dir)
     resume_from = ckpt.check_output_dir(root, config.resume)
-    device, autocast = device_and_autocast(config)
+    device, autocast, _ = device_and_autocast(config)
     seed_everything(config.seed)
 
     tokenizer = AutoTokenizer.from_pretrained(config.model_path, trust_remote_code=config.trust_remote_code)

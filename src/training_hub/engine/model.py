@@ -47,17 +47,18 @@ def compute_dtype(config: Any, device: torch.device) -> torch.dtype | None:
     return autocast_dtype(config.dtype, device, hidden)
 
 
-def device_and_autocast(config: Any) -> tuple[torch.device, Callable[[], Any]]:
+def device_and_autocast(config: Any) -> tuple[torch.device, Callable[[], Any], torch.dtype | None]:
     """CUDA when present, else CPU; bf16 autocast where :func:`compute_dtype` says so ('bfloat16', or 'auto' on CUDA
-    and, for wide enough models, on CPUs with native bf16), else plain fp32. The master weights stay fp32."""
+    and, for wide enough models, on CPUs with native bf16), else plain fp32; and that compute dtype (None: fp32).
+    The master weights stay fp32."""
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     if device.type == "cuda":  # TF32 for what stays in fp32 (OSFT's projections, fp32 runs): 8x the fp32 rate
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     compute = compute_dtype(config, device)
     if compute is not None:
-        return device, lambda: torch.autocast(device.type, dtype=compute)
-    return device, contextlib.nullcontext
+        return device, lambda: torch.autocast(device.type, dtype=compute), compute
+    return device, contextlib.nullcontext, None
 
 
 def load_model(config: Any, device: torch.device) -> tuple[torch.nn.Module, torch.dtype]:

@@ -28,7 +28,7 @@ from training_hub.engine import distributed
 from training_hub.engine.batching import Step, pack, pack_into_micro_batches, plan_epoch
 from training_hub.engine.loss import num_targets, step_loss_and_backward, token_loss_sum
 from training_hub.engine.method import TrainingMethod
-from training_hub.engine.model import compute_dtype, device_and_autocast, load_model
+from training_hub.engine.model import device_and_autocast, load_model
 from training_hub.engine.run import (
     Progress, Run, StepOutcome, execute, optimizer_and_scheduler, resume, run_plan, seed_everything, total_steps,
 )
@@ -173,7 +173,7 @@ def train_sft_rank(config: Any, method: TrainingMethod, ranks: distributed.Ranks
 
     root = Path(config.ckpt_output_dir)
     resume_from = distributed.broadcast(ranks, ckpt.check_output_dir(root, config.resume) if ranks.is_main else None)
-    device, autocast = device_and_autocast(config)
+    device, autocast, compute = device_and_autocast(config)
     seed_everything(config.seed)
 
     tokenizer = AutoTokenizer.from_pretrained(config.model_path, trust_remote_code=config.trust_remote_code)
@@ -189,7 +189,7 @@ def train_sft_rank(config: Any, method: TrainingMethod, ranks: distributed.Ranks
         method.prepare_model(raw)
         model = distributed.wrap_model(raw, ranks, device,  # what the loop calls: raw, DDP(raw) or raw made FSDP2
                                        cpu_offload=fsdp_cpu_offload(getattr(config, "fsdp_options", None)),
-                                       param_dtype=compute_dtype(config, device))
+                                       param_dtype=compute)
         trainable = [p for p in raw.parameters() if p.requires_grad]
         optimizer, scheduler = optimizer_and_scheduler(config, trainable, total)
         recipe = SFTRecipe(config, method=method, ranks=ranks, device=device, autocast=autocast, data=data,
