@@ -11,7 +11,7 @@ from typing import Sequence
 # mini-trainer and older training_hub runs), so upstream runs can be plotted too.
 METRICS_FILES = ("metrics.jsonl", "training_params_and_metrics_global0.jsonl", "training_metrics.jsonl",
                  "training_log.jsonl")
-NOT_METRICS = ("data.jsonl", "upstream_events.jsonl")
+NOT_METRICS = ("data.jsonl", "engine_events.jsonl", "upstream_events.jsonl")  # the adapters' event logs (new, old name)
 LOSS_KEYS = ("loss", "avg_loss", "train_loss")
 
 
