@@ -189,3 +189,51 @@ def test_a_failing_hook_is_logged_and_training_goes_on(tiny_model_dir, chat_path
     assert result.status == "success" and result.metrics["steps"] == 2
     assert caplog.text.count("Failing.on_step_end raised; training goes on") == 2
     assert "RuntimeError: boom" in caplog.text
+
+
+class Steering(TrainingHubCallback):
+    """Upstream style: asks for a save after step 1 and for the end of training after step 2."""
+
+    def on_step_end(self, context):
+        if context.step == 1:
+            context.control.should_save = True
+        if context.step == 2:
+            context.control.should_training_stop = True
+
+
+def test_context_builds_empty_as_upstream_and_control_defaults():
+    from training_hub.callbacks import TrainingHubContext, TrainingHubControl
+
+    ctx = TrainingHubContext()
+    assert (ctx.step, ctx.epoch, ctx.loss, ctx.learning_rate, ctx.is_main_process, ctx.output_dir, ctx.metrics,
+            ctx.control) == (0, 0, None, None, True, "", {}, None)
+    assert TrainingHubContext(42, 3, 0.5).loss == 0.5  # upstream's positional order
+    assert TrainingHubContext().metrics is not TrainingHubContext().metrics
+    control = TrainingHubControl()
+    assert (control.should_save, control.should_training_stop) == (False, False)
+
+
+def test_control_saves_and_stops_native(tiny_model_dir, chat_path, tmp_path):
+    from training_hub import sft
+
+    recorder, out = Recorder(), tmp_path / "sft"
+    result = sft(str(tiny_model_dir), str(chat_path), str(out), callbacks=[Steering(), recorder], max_seq_len=256,
+                 effective_batch_size=2, learning_rate=1e-3, disable_progress_bar=True)  # 8 steps planned
+    assert result.status == "success" and result.metrics["steps"] == 2
+    assert result.metrics["stopped_by"] == "callback"
+    saves = [Path(e[2]).name for e in recorder.events if e[0] == "save"]
+    assert saves == ["samples_2", "samples_4"]  # asked for after step 1, then the final one at the stop
+    assert result.checkpoint_path.endswith("samples_4")
+
+
+def test_control_saves_and_stops_trl(tiny_model_dir, chat_path, tmp_path):
+    pytest.importorskip("trl")
+    from training_hub import sft
+
+    recorder, out = Recorder(), tmp_path / "trl"
+    result = sft(str(tiny_model_dir), str(chat_path), str(out), backend="trl", callbacks=[Steering(), recorder],
+                 max_seq_len=256, max_tokens_per_gpu=2 * 256, effective_batch_size=2, learning_rate=1e-3,
+                 disable_progress_bar=True)
+    assert result.metrics["steps"] == 2 and result.metrics["stopped_by"] == "callback"
+    saves = [Path(e[2]).name for e in recorder.events if e[0] == "save"]
+    assert saves[0] == "checkpoint-1" and saves[-1].startswith("samples_")

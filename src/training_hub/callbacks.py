@@ -32,25 +32,43 @@ logger = logging.getLogger("training_hub")
 
 
 @dataclass
+class TrainingHubControl:
+    """What a hook may ask of the run: set a flag, and the backend acts on it after the current step.
+
+    * ``should_save``: save a checkpoint now (native: an HF checkpoint and the training state; trl: a Trainer
+      checkpoint); the flag is cleared once done.
+    * ``should_training_stop``: end training after this step, as if the last step had been reached (the final
+      checkpoint is saved, ``status`` is "success", ``metrics["stopped_by"]`` is "callback").
+
+    ``ctx.control`` holds the run's instance. Under several processes rank 0's flags decide for every rank.
+    """
+
+    should_save: bool = False
+    should_training_stop: bool = False
+
+
+@dataclass
 class TrainingContext:
     """What a hook can know about the run: which algorithm and backend, where it writes, and how far it is.
 
-    The fields of the upstream ``TrainingHubContext`` (step, epoch, loss, learning_rate, is_main_process,
-    output_dir, metrics) are all here, so it is also importable under that name.
+    The fields of the upstream ``TrainingHubContext`` come first, in its order and with its defaults (step, epoch,
+    loss, learning_rate, is_main_process, output_dir, metrics, control), so ``TrainingHubContext()`` builds an empty
+    one as upstream; it is importable under both names.
     """
 
-    algorithm: str
-    backend: str
-    output_dir: str
-    config: Any  # the validated config (e.g. SFTConfig) of the run
     step: int = 0  # optimizer steps done
     epoch: float = 0.0  # fractional epochs done
-    samples_seen: int = 0
-    total_steps: int | None = None
     loss: float | None = None  # of the latest optimizer step
     learning_rate: float | None = None  # of the latest optimizer step
     is_main_process: bool = True  # rank 0
+    output_dir: str = ""
     metrics: dict = field(default_factory=dict)  # the latest metrics.jsonl record (a validation one in on_evaluate)
+    control: TrainingHubControl | None = None  # set by the built-in backends; hooks set its flags
+    algorithm: str = ""
+    backend: str = ""
+    config: Any = None  # the validated config (e.g. SFTConfig) of the run
+    samples_seen: int = 0
+    total_steps: int | None = None
     checkpoint_path: str | None = None  # the latest complete checkpoint (set before on_save)
     extra: dict = field(default_factory=dict)
 
@@ -104,7 +122,7 @@ def algorithm_of(config: Any) -> str:
 
 def make_context(config: Any, backend: str) -> TrainingContext:
     return TrainingContext(algorithm=algorithm_of(config), backend=backend, output_dir=str(config.ckpt_output_dir),
-                           config=config)
+                           config=config, control=TrainingHubControl())
 
 
 class CallbackList:

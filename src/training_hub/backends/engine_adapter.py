@@ -206,8 +206,9 @@ def prepare_engine_data(config, root: Path) -> EngineData:
 class EventFollower:
     """Turns the engine events (JSON lines from ``TrainingHubEvents``) into our records and hooks."""
 
-    def __init__(self, path: Path, reporter):
-        self.path, self.reporter = path, reporter
+    def __init__(self, path: Path, reporter, stop: Callable[[], None] = lambda: None):
+        self.path, self.reporter, self.stop = path, reporter, stop
+        self.stop_sent = self.save_warned = False
         self.offset = 0
         self.samples = self.tokens = 0
         self.started = time.perf_counter()
@@ -266,6 +267,21 @@ class EventFollower:
             self.reporter.saved(event["checkpoint_path"])
         elif kind in ("epoch_begin", "step_begin", "epoch_end"):
             getattr(self.reporter, kind)()
+        self.steer()
+
+    def steer(self) -> None:
+        """A hook's ``ctx.control``: a stop becomes SIGTERM to the engine (which saves its state, as on a
+        preemption); a save request cannot reach a third-party engine's schedule, and says so once."""
+        control = self.reporter.ctx.control
+        if control.should_save and not self.save_warned:
+            logger.warning("callbacks: ctx.control.should_save is not honoured by this engine (it saves on its own "
+                           "schedule: save_samples / checkpoint_at_epoch); use backend='native' for that")
+            self.save_warned = True
+        control.should_save = False
+        if control.should_training_stop and not self.stop_sent:
+            logger.info("a callback asked training to stop at step %d: stopping the engine", self.steps)
+            self.stop_sent = True
+            self.stop()
 
 
 def descendants(pid: int) -> list[int]:
@@ -329,8 +345,8 @@ def run_adapter(config, *, backend: str, launch: Callable[[EngineData], None]) -
         events = root / EVENTS_FILE
         events.unlink(missing_ok=True)
         reporter = RunReporter(MetricsWriter(root / "metrics.jsonl"), config, backend=backend)  # loggers fail here
-        follower = EventFollower(events, reporter)
         spare = set(descendants(os.getpid()))  # the caller's own child processes are left alone on a stop
+        follower = EventFollower(events, reporter, stop=lambda: stop_children(spare))
         done = threading.Event()
         follow_failure: list[BaseException] = []
 
@@ -352,9 +368,12 @@ def run_adapter(config, *, backend: str, launch: Callable[[EngineData], None]) -
             try:
                 launch(data)
             except BaseException as exc:
-                if not follow_failure:
+                if follower.stop_sent and not follow_failure and isinstance(exc, Exception):
+                    logger.info("the engine ended on the callback's stop request (%s)", type(exc).__name__)
+                elif not follow_failure:
                     raise
-                raise follow_failure[0] from exc  # the engine failed because the follower stopped it
+                else:
+                    raise follow_failure[0] from exc  # the engine failed because the follower stopped it
             finally:
                 done.set()
                 watcher.join()
@@ -369,7 +388,8 @@ def run_adapter(config, *, backend: str, launch: Callable[[EngineData], None]) -
         result = TrainingResult(
             status="success", checkpoint_path=newest_checkpoint(root), output_dir=str(root),
             metrics={"final_loss": follower.last_loss, "steps": follower.steps, "samples": follower.samples,
-                     "tokens": follower.tokens, "seconds": round(time.perf_counter() - follower.started, 3)},
+                     "tokens": follower.tokens, "seconds": round(time.perf_counter() - follower.started, 3),
+                     **({"stopped_by": "callback"} if follower.stop_sent else {})},
             extra={"backend": backend, "data_path": data.train_path})
         reporter.end(result)
         return result

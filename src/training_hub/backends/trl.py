@@ -447,7 +447,7 @@ class TRLSFTBackend(_TRLBackend):
             path, metrics, _ = _train_and_save(trainer, config, root, resume_from, callback,
                                                cast_back=not self.saves_adapter)
             bridge.saved(path)
-            metrics["dropped_or_truncated_samples"] = dropped
+            metrics.update(dropped_or_truncated_samples=dropped, **bridge.ctx.extra)  # stopped_by: a hook's stop
             result = self._result(config, trainer, path, metrics, root)
             bridge.end(result)
             return result
@@ -564,6 +564,7 @@ class TRLDPOBackend(_TRLBackend):
                 trainer.eval_dataset, _ = preference_length_policy(trainer.eval_dataset, config, "dpo (trl) validation")
             path, metrics, last = _train_and_save(trainer, config, root, resume_from, callback)
             bridge.saved(path)
+            metrics.update(bridge.ctx.extra)  # stopped_by: a hook's stop
             metrics.update(dropped_or_truncated_samples=dropped, final_reward_margin=last.get("reward_margin"),
                            final_reward_accuracy=last.get("reward_accuracy"))
             result = TrainingResult(status="success", checkpoint_path=str(path) if path else None, metrics=metrics,

@@ -14,10 +14,13 @@ Hooks run on the main process only.
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import Any
 
 from training_hub.callbacks import CallbackList, make_context
+
+logger = logging.getLogger("training_hub")
 
 
 def hub_bridge(config, record_fn):
@@ -29,6 +32,7 @@ def hub_bridge(config, record_fn):
             self.hub = CallbackList(config.callbacks)
             self.ctx = make_context(config, "trl")
             self.main = True
+            self.warned = False
 
         def _sync(self, state) -> None:
             self.main = self.ctx.is_main_process = state.is_world_process_zero
@@ -45,14 +49,35 @@ def hub_bridge(config, record_fn):
             if self.main:
                 self.hub.call(hook, self.ctx)
 
+        def _steer(self, args, control) -> None:
+            """Hand a hook's ``ctx.control`` requests to the Trainer's own control (it saves / stops on them)."""
+            hub = self.ctx.control
+            if not (hub.should_save or hub.should_training_stop):
+                return
+            if getattr(args, "world_size", 1) > 1:  # hooks run on rank 0 only: acting there alone would hang
+                if not self.warned:
+                    logger.warning("callbacks: ctx.control is not honoured by the trl backend under several "
+                                   "processes (hooks run on rank 0 only)")
+                    self.warned = True
+                hub.should_save = hub.should_training_stop = False
+                return
+            if hub.should_save:
+                control.should_save, hub.should_save = True, False
+            if hub.should_training_stop:
+                control.should_training_stop = True
+                self.ctx.extra["stopped_by"] = "callback"
+
         def on_epoch_begin(self, args, state, control, **kwargs):
             self._fire("on_epoch_begin", state)
+            self._steer(args, control)
 
         def on_step_begin(self, args, state, control, **kwargs):
             self._fire("on_step_begin", state)
+            self._steer(args, control)
 
         def on_epoch_end(self, args, state, control, **kwargs):
             self._fire("on_epoch_end", state)
+            self._steer(args, control)
 
         def on_log(self, args, state, control, logs=None, **kwargs):
             self._sync(state)
@@ -67,6 +92,7 @@ def hub_bridge(config, record_fn):
                     self.ctx.learning_rate = record.get("lr", self.ctx.learning_rate)
                     self.hub.call("on_step_end", self.ctx, record)
                 self.hub.call("on_log", self.ctx)
+                self._steer(args, control)
 
         def on_save(self, args, state, control, **kwargs):
             self._sync(state)

@@ -307,6 +307,23 @@ class Run:
         if every and progress.samples_seen // every > before // every:
             self.save(recipe, hf=True)
 
+    def obey_callbacks(self, recipe: Recipe) -> bool:
+        """Act on ``ctx.control`` as a hook left it after this step: save now; True to end training here.
+
+        Rank 0's flags decide for every rank (hooks run there); without callbacks nothing is exchanged.
+        """
+        if not getattr(self.config, "callbacks", None):
+            return False
+        control = self.reporter.ctx.control
+        save, stop = distributed.broadcast(self.ranks, (control.should_save, control.should_training_stop))
+        control.should_save = False
+        if save:
+            self.save(recipe, hf=True)
+        if stop:
+            self.stopped_by = "callback"
+            logger.info("a callback asked training to stop at step %d", self.progress.global_step)
+        return stop
+
     def check_finite(self, step: Step, out: StepOutcome) -> None:
         """Stop on a non-finite loss or gradient norm (the recipe has not applied the step); warn on a collapse."""
         if math.isfinite(out.loss) and math.isfinite(out.grad_norm):
@@ -370,6 +387,9 @@ def train_epoch(run: Run, recipe: Recipe, steps: list[Step], bar, sigterm: dict)
         # Several ranks stop on the step they agreed on; one process also on a signal that came while it logged.
         if out.stop or (not run.ranks.distributed and sigterm["stop"]):
             return True
+        if run.obey_callbacks(recipe):
+            run.total_steps = progress.global_step  # a hook asked to end here: the run ends as at its last step
+            break
     return False
 
 
