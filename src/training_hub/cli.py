@@ -24,7 +24,9 @@ from __future__ import annotations
 
 import argparse
 import errno
+import importlib
 import json
+import math
 import sys
 import typing
 from pathlib import Path
@@ -47,10 +49,15 @@ def _value_parser(spec: ParamSpec):
     def convert(text: str) -> Any:
         if optional and text.lower() in ("none", "null"):
             return None
+        if _is_callable_type(tp):
+            try:
+                return _callable_from_path(text)
+            except (ValueError, ImportError) as exc:
+                raise argparse.ArgumentTypeError(str(exc)) from None
         for candidate in _candidates(tp):
             try:
                 return candidate(text)
-            except (ValueError, json.JSONDecodeError):
+            except (ValueError, json.JSONDecodeError, argparse.ArgumentTypeError):
                 continue
         return text  # left as text: validation then reports it together with every other problem
 
@@ -94,7 +101,59 @@ def _parse_bool(text: str) -> bool:
         return True
     if lowered in _FALSE:
         return False
-    raise ValueError(text)
+    raise argparse.ArgumentTypeError(f"cannot read {text!r} as a boolean; use true|false (or 1|0, yes|no, on|off)")
+
+
+def _flag_to_python_name(flag: str) -> str:
+    """``--learning-rate`` -> ``learning_rate``."""
+    return flag.lstrip("-").replace("-", "_")
+
+
+def _resolve_dotted_path(path: str) -> Any:
+    """The object at ``package.module.attr[.attr...]``, for parameters that take a function (``reward_fn``, ...).
+
+    The longest importable module prefix is imported, then the attributes are looked up. A prefix that is not a
+    module tries a shorter one; a module that exists but fails to import (a missing dependency) raises its own
+    error, and an attribute missing from a module that imported says so. A YAML file that names functions runs
+    the code it names: only use config files you trust.
+    """
+    if not isinstance(path, str) or "." not in path:
+        raise ValueError(f"cannot resolve {path!r}: expected a dotted path such as 'my_module.my_function'")
+    parts = path.split(".")
+    tried: ModuleNotFoundError | None = None
+    for cut in range(len(parts) - 1, 0, -1):
+        prefix = ".".join(parts[:cut])
+        try:
+            obj = importlib.import_module(prefix)
+        except ModuleNotFoundError as exc:
+            if exc.name and (exc.name == prefix or prefix.startswith(exc.name + ".")):
+                tried = exc  # this prefix is not a module: try a shorter one
+                continue
+            raise  # the module exists; something it imports does not
+        try:
+            for attr in parts[cut:]:
+                obj = getattr(obj, attr)
+        except AttributeError as exc:
+            raise ImportError(f"cannot resolve {path!r}: module {prefix!r} imported but the attribute lookup failed "
+                              f"({exc})") from exc
+        return obj
+    raise ImportError(f"cannot resolve {path!r}: no importable module prefix" + (f" ({tried})" if tried else ""))
+
+
+def _callable_from_path(text: Any) -> Any:
+    if not isinstance(text, str):
+        raise ValueError(f"expected a dotted path such as 'my_module.my_function', got {type(text).__name__}")
+    obj = _resolve_dotted_path(text)
+    if not callable(obj):
+        raise ValueError(f"{text!r} resolved to a non-callable {type(obj).__name__}")
+    return obj
+
+
+def _is_callable_type(tp: Any) -> bool:
+    import collections.abc
+
+    return any(typing.get_origin(a) is collections.abc.Callable or a is collections.abc.Callable
+               for a in (tp, *typing.get_args(tp)))
 
 
 def _is_bool(tp: Any) -> tuple[bool, bool]:
@@ -134,7 +193,7 @@ class _BoolFlag(argparse.Action):
             return
         try:
             setattr(namespace, self.dest, _parse_bool(values))
-        except ValueError:
+        except argparse.ArgumentTypeError:
             valid = "true|false (or 1|0, yes|no, on|off" + (", none)" if self.optional else ")")
             raise argparse.ArgumentError(self, f"invalid value {values!r}; expected {valid}") from None
 
@@ -207,8 +266,11 @@ def cmd_list(_: argparse.Namespace) -> int:
     return 0
 
 
-def _load_config_file(path: str, config_class: type | None = None) -> dict[str, Any]:
-    """The parameters of a YAML ``--config`` file; numbers PyYAML left as text are converted (see _yaml_number)."""
+def _load_config_file(path: str, config_class: type | None = None, warn_unknown: str | None = None
+                      ) -> dict[str, Any]:
+    """The parameters of a YAML ``--config`` file; numbers PyYAML left as text are converted (see _yaml_number)
+    and dotted paths become the functions they name where a function is declared. With ``warn_unknown`` (the
+    algorithm's name) a key that is not one of its parameters is warned about on stderr and passed on."""
     import yaml
 
     file = Path(path)
@@ -231,7 +293,92 @@ def _load_config_file(path: str, config_class: type | None = None) -> dict[str, 
                          f"got {type(data).__name__}")
     params = {str(k).replace("-", "_"): v for k, v in data.items()}
     specs = param_specs(config_class) if config_class is not None else {}
-    return {k: (_yaml_number(v, specs[k].type) if k in specs else v) for k, v in params.items()}
+    out = {}
+    for key, value in params.items():
+        spec = specs.get(key)
+        if spec is None:
+            if warn_unknown and key != "backend":
+                import difflib
+
+                close = difflib.get_close_matches(key, list(specs), n=1)
+                hint = f" (did you mean '{close[0]}'?)" if close else ""
+                print(f"warning: config key '{key}' in {path} is not a parameter of '{warn_unknown}'{hint}; "
+                      "passing it on", file=sys.stderr)
+            out[key] = value
+        elif _is_callable_type(spec.type) and isinstance(value, str):
+            try:
+                out[key] = _callable_from_path(value)
+            except (ValueError, ImportError) as exc:
+                raise UsageError(f"invalid value for '{key}' in config {path}: {exc}") from None
+        else:
+            out[key] = _yaml_number(value, spec.type)
+    return out
+
+
+def _load_yaml_config(path: str) -> dict[str, Any]:
+    """A YAML config file as a dict (upstream's helper): exits with code 1 and one ``error:`` line if it is missing,
+    unreadable, not YAML or not a mapping."""
+    try:
+        return _load_config_file(path)
+    except (ValueError, OSError) as exc:
+        print(f"error: {_describe(exc)}", file=sys.stderr)
+        raise SystemExit(1) from None
+
+
+def _coerce_value(value: Any, spec: Any) -> Any:
+    """A config or flag value as the parameter's type, strictly: a YAML ``true`` is not the integer 1, ``2048.5``
+    is not an integer, NaN is not a learning rate. ``spec`` is a ParamSpec or upstream's flag description (a dict
+    with ``type`` and optionally ``nargs``, ``json``, ``callable``). Raises ValueError (or ImportError for a
+    dotted path that does not resolve)."""
+    if isinstance(spec, ParamSpec):
+        tp = spec.type
+        spec = {"type": _plain_type(tp), "callable": _is_callable_type(tp), **({"nargs": "+"} if _is_list(tp) else {}),
+                "json": typing.get_origin(tp) is dict or tp is dict}
+    if value is None:
+        return None
+    if spec.get("callable"):
+        return _callable_from_path(value)
+    if spec.get("json"):
+        return json.loads(value) if isinstance(value, str) else value
+    kind = spec.get("type", str)
+    if "nargs" in spec:
+        return [_coerce_scalar(v, kind) for v in (value if isinstance(value, list) else [value])]
+    return _coerce_scalar(value, kind)
+
+
+def _coerce_scalar(value: Any, kind: Any) -> Any:
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str):
+            return _parse_bool(value)
+        if isinstance(value, int) and value in (0, 1):
+            return bool(value)
+        raise ValueError(f"expected a boolean, got {value!r}")
+    if kind in (int, float) and isinstance(value, bool):
+        raise ValueError(f"expected {'an integer' if kind is int else 'a number'}, got the boolean {value!r}")
+    if kind is int:
+        if isinstance(value, float) and not value.is_integer():
+            raise ValueError(f"expected an integer, got {value!r}")
+        return int(value)
+    if kind is float:
+        number = float(value)
+        if not math.isfinite(number):
+            raise ValueError(f"expected a finite number, got {value!r}")
+        return number
+    if kind is str:
+        return value if isinstance(value, str) else str(value)
+    return value if isinstance(value, kind) else kind(value)
+
+
+def _plain_type(tp: Any) -> Any:
+    """The one concrete scalar type of a declared type (Optional[int] -> int, list[str] -> str), else str."""
+    for arg in (tp, *typing.get_args(tp)):
+        if arg in (bool, int, float, str):
+            return arg
+        if typing.get_origin(arg) is list and typing.get_args(arg):
+            return _plain_type(typing.get_args(arg)[0])
+    return str
 
 
 def _yaml_number(value: Any, tp: Any) -> Any:
@@ -260,40 +407,90 @@ def _literal_args(members: set) -> tuple:
 
 
 def cmd_train(argv: Sequence[str]) -> int:
+    """``training-hub train ALGORITHM [flags]``: the alias of ``training-hub ALGORITHM`` with our finer exit codes
+    (2 for a usage, parameter or data error) and ``key: value`` result lines."""
     algorithms = AlgorithmRegistry.list_algorithms()
     if not argv or argv[0].startswith("-"):
         print(f"usage: training-hub train ALGORITHM [--help] [flags]\nalgorithms: {', '.join(algorithms)}",
               file=sys.stderr)
         return 0 if argv and argv[0] in ("-h", "--help") else 2
     name = argv[0]
+    params, backend = _algorithm_call(name, argv[1:], prog=f"training-hub train {name}")
+    from training_hub.algorithms.base import run_algorithm
+
+    result = run_algorithm(name, backend, params)  # no backend named: the first that takes this call
+    _print_result(result)
+    return stopped_exit_code(result)
+
+
+def cmd_algorithm(name: str, argv: Sequence[str]) -> int:
+    """``thub ALGORITHM [--config FILE.yaml] [flags]`` (upstream's layout): a missing required parameter is named
+    before anything runs; the algorithm's own function is called (``training_hub.algorithms.<module>``); a dict
+    result is printed as JSON."""
+    params, backend = _algorithm_call(name, argv, prog=f"thub {name.replace('_', '-')}")
+    config_class = getattr(AlgorithmRegistry.get_algorithm(name), "config_class", None)
+    missing = [f"--{spec.name.replace('_', '-')}" for spec in param_specs(config_class).values()
+               if spec.required and params.get(spec.name) is None]
+    if missing:
+        raise UsageError(f"the following arguments are required: {', '.join(missing)} (as flags, or in a YAML "
+                         "file given with --config)")
+    result = _algorithm_function(name)(**params, **({"backend": backend} if backend else {}))
+    if isinstance(result, dict) or hasattr(result, "keys"):
+        print(json.dumps(dict(result), indent=2, default=str))  # lazy keys (a model) are not loaded to print
+    elif result is not None:
+        print(result)
+    return stopped_exit_code(result)
+
+
+class UsageError(ValueError):
+    """A command line that cannot run as given (exit code 2, or 1 in upstream's layout)."""
+
+
+def _algorithm_function(name: str):
+    """The convenience function of a built-in algorithm, looked up where upstream keeps it (its module, by name),
+    so that the call goes through the same function a Python user calls; a registered algorithm without one runs
+    through the registry."""
+    algorithm_class = AlgorithmRegistry.get_algorithm(name)
+    module = importlib.import_module(_MODULES.get(name, algorithm_class.__module__))
+    function = getattr(module, name, None)
+    if callable(function):
+        return function
+    from training_hub.algorithms.base import run_algorithm
+
+    return lambda backend=None, **params: run_algorithm(name, backend, params)
+
+
+# Upstream's module for each algorithm where ours lives elsewhere (its CLI and tests import these paths).
+_MODULES = {"lora_sft": "training_hub.algorithms.lora", "grpo": "training_hub.algorithms.lora_grpo",
+            "lora_grpo": "training_hub.algorithms.lora_grpo", "embedding_sft": "training_hub.algorithms.embedding_sft"}
+
+
+def _algorithm_call(name: str, argv: Sequence[str], prog: str) -> tuple[dict[str, Any], str | None]:
+    """The parameters of one algorithm's command line (a ``--config`` YAML file, then the flags over it) and the
+    backend it names. Unknown flags and config keys are passed on, so validation names them with a hint."""
     algorithm_class = AlgorithmRegistry.get_algorithm(name)
     config_class = getattr(algorithm_class, "config_class", None)
     if config_class is None:
-        print(f"Algorithm '{name}' declares no parameters for the command line; call it from Python.", file=sys.stderr)
-        return 2
+        raise UsageError(f"algorithm '{name}' declares no parameters for the command line; call it from Python")
     parser = argparse.ArgumentParser(
-        prog=f"training-hub train {name}", description=(algorithm_class.__doc__ or "").strip(), allow_abbrev=False,
+        prog=prog, description=(algorithm_class.__doc__ or "").strip(), allow_abbrev=False,
         formatter_class=_HelpFormatter,
-        usage=f"training-hub train {name} [--config FILE.yaml] [--backend NAME] --model-path PATH "
+        usage=f"{prog} [--config FILE.yaml] [--backend NAME] --model-path PATH "
               "--data-path PATH --ckpt-output-dir DIR [--PARAMETER VALUE ...]")
     parser.add_argument("--config", help="YAML file of parameters; flags given here override it.")
     parser.add_argument("--backend", help=f"Backend ({', '.join(AlgorithmRegistry.list_backends(name))}; "
                                           "default: first available).")
     add_declared_flags(parser, config_class)
-    known, unknown = parser.parse_known_args(_normalise_flags(argv[1:]))
+    known, unknown = parser.parse_known_args(_normalise_flags(argv))
     extra_params, stray = _unknown_flags(unknown)
     if stray:
         parser.error(f"unexpected value(s) {' '.join(map(repr, stray))}: not after a flag that takes them "
                      "(a flag takes one value unless it is a list)")
     ns = vars(known)
     config_path, backend = ns.pop("config", None), ns.pop("backend", None)
-    params = {**(_load_config_file(config_path, config_class) if config_path else {}), **ns, **extra_params}
-    backend = backend or params.pop("backend", None)
-    from training_hub.algorithms.base import run_algorithm
-
-    result = run_algorithm(name, backend, params)  # no backend named: the first that takes this call
-    _print_result(result)
-    return stopped_exit_code(result)
+    from_file = _load_config_file(config_path, config_class, warn_unknown=name) if config_path else {}
+    params = {**from_file, **ns, **extra_params}
+    return params, backend or params.pop("backend", None)
 
 
 def stopped_exit_code(result: Any) -> int:
@@ -379,14 +576,24 @@ def cmd_merge(ns: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="training-hub", description="LLM post-training in one call.",
-                                     epilog="Exit codes: 0 success, 1 runtime failure (permission, disk full), "
-                                            "2 usage/parameter/data error.")
-    parser.add_argument("--debug", action="store_true", help="show the full traceback of an error (anywhere in argv)")
-    sub = parser.add_subparsers(dest="command", required=True)
+    from training_hub import __version__
+
+    invoked = Path(sys.argv[0]).name
+    parser = argparse.ArgumentParser(
+        prog=invoked if invoked in ("thub", "training-hub") else "thub", description="LLM post-training in one call. `thub` and `training-hub` are the same program.",
+        epilog="Exit codes: 0 success; an algorithm command exits 1 on any failure (upstream's layout), other "
+               "commands and `train ALGORITHM` exit 1 for a runtime failure and 2 for a usage/parameter/data "
+               "error; 130/143 when Ctrl-C/SIGTERM stopped a run after it saved its state.")
+    parser.add_argument("--version", action="version", version=f"training-hub {__version__}")
+    parser.add_argument("--debug", "--traceback", action="store_true",
+                        help="show the full traceback of an error (anywhere on the command line)")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in AlgorithmRegistry.list_algorithms():
+        doc = (AlgorithmRegistry.get_algorithm(name).__doc__ or "").strip().splitlines()
+        sub.add_parser(name.replace("_", "-"), add_help=False, help=doc[0] if doc else name)
     sub.add_parser("list", help="Algorithms, their backends and whether each can run here.")
-    sub.add_parser("train", help="Train: training-hub train ALGORITHM --model-path ... (see train ALGORITHM --help).",
-                   add_help=False)
+    sub.add_parser("train", help="Alias: train ALGORITHM [flags] is `thub ALGORITHM [flags]` with exit code 2 for "
+                                 "usage/parameter/data errors.", add_help=False)
     tiny = sub.add_parser("make-tiny-model", help="Build a tiny random model + tokenizer offline.")
     tiny.add_argument("dir")
     tiny.add_argument("--arch", choices=["qwen2", "llama"], default="qwen2")
@@ -410,30 +617,57 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+_DEBUG_FLAGS = ("--debug", "--traceback")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command; returns its exit code. An algorithm command (upstream's layout, ``thub sft ...``) raises
+    ``SystemExit(1)`` on any failure instead, and no command at all prints the usage and raises ``SystemExit(1)``,
+    as upstream's CLI does."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    debug = "--debug" in argv
-    argv = [token for token in argv if token != "--debug"]
+    debug = any(token in _DEBUG_FLAGS for token in argv)
+    argv = [token for token in argv if token not in _DEBUG_FLAGS]
+    algorithm = _algorithm_named(argv[0]) if argv else None
     try:
-        return _dispatch(argv)
+        code = _dispatch(argv, algorithm)
     except KeyboardInterrupt:  # before training started (a run saves its state on the first Ctrl-C and returns)
         if debug:
             raise
         print("interrupted (Ctrl-C); a run that had started saved its training state, resume with --resume true",
               file=sys.stderr)
-        return 130
+        code = 130
     except Exception as exc:
         code = _expected_error_code(exc)
-        if code is None or debug:  # a bug (or asked for): the full traceback
+        if algorithm is None and (code is None or debug):  # a bug (or asked for): the full traceback
             raise
+        if debug:
+            import traceback
+
+            traceback.print_exc()
         print(f"error: {_describe(exc)}", file=sys.stderr)
-        return code
+        if code is None:  # upstream's layout reports every failure in one line; the traceback is one flag away
+            print("(run again with --traceback for the full traceback)", file=sys.stderr)
+            code = 1
+    if algorithm is not None and code:
+        raise SystemExit(1 if code == 2 else code)
+    return code
 
 
-def _dispatch(argv: list[str]) -> int:
+def _algorithm_named(token: str) -> str | None:
+    name = token.replace("-", "_")
+    return name if not token.startswith("-") and name in AlgorithmRegistry.list_algorithms() else None
+
+
+def _dispatch(argv: list[str], algorithm: str | None) -> int:
+    if algorithm is not None:
+        return cmd_algorithm(algorithm, argv[1:])
     if argv and argv[0] == "train":
         return cmd_train(argv[1:])
-    ns = build_parser().parse_args(argv)
+    parser = build_parser()
+    if not argv:
+        parser.print_help(sys.stdout)
+        raise SystemExit(1)
+    ns = parser.parse_args(argv)
     handlers = {"list": cmd_list, "make-tiny-model": cmd_make_tiny_model, "demo": cmd_demo, "plot": cmd_plot,
                 "merge": cmd_merge}
     return handlers[ns.command](ns)
