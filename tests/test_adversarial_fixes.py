@@ -55,7 +55,7 @@ def test_skipped_files_in_a_data_directory_are_announced(tmp_path):
     (folder / "a.jsonl").write_text(json.dumps({"messages": [{"role": "user", "content": "q"},
                                                              {"role": "assistant", "content": "a"}]}) + "\n")
     (folder / "notes.txt").write_text("readme")
-    with pytest.warns(UserWarning, match=r"skipped 1 file\(s\) that are not .jsonl/.json/.parquet: notes.txt"):
+    with pytest.warns(UserWarning, match=r"skipped 1 file\(s\) that are not .jsonl/.json/.parquet/.csv: notes.txt"):
         check_data(str(folder))
 
 

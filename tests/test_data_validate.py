@@ -87,10 +87,10 @@ def test_empty_file_and_blank_only_file(tmp_path):
 def test_missing_path_and_unsupported_type(tmp_path):
     error = problems_of(tmp_path / "nope.jsonl")
     assert f"{tmp_path / 'nope.jsonl'}: data_path: no such file or directory" in str(error)
-    (tmp_path / "data.csv").write_text("a,b\n")
-    assert "unsupported file type '.csv'" in str(problems_of(tmp_path / "data.csv"))
+    (tmp_path / "data.tsv").write_text("a\tb\n")
+    assert "unsupported file type '.tsv'" in str(problems_of(tmp_path / "data.tsv"))
     (tmp_path / "emptydir").mkdir()
-    assert "holds no .jsonl, .json or .parquet files" in str(problems_of(tmp_path / "emptydir"))
+    assert "holds no .jsonl, .json, .parquet or .csv files" in str(problems_of(tmp_path / "emptydir"))
 
 
 def test_blank_lines_are_skipped_but_counted_in_line_numbers(tmp_path):
@@ -226,3 +226,24 @@ def test_error_survives_pickling(tmp_path):
     error = problems_of(write_lines(tmp_path / "bad.jsonl", ["{"] * 25))
     copy = pickle.loads(pickle.dumps(error))
     assert copy.problems == error.problems and copy.truncated and str(copy) == str(error)
+
+
+def test_csv_rows_with_json_messages_and_their_line_numbers(tmp_path):
+    import csv
+
+    path = tmp_path / "chat.csv"
+    with open(path, "w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["messages", "note"])
+        writer.writerow([json.dumps(GOOD["messages"]), "a\nmultiline note"])  # one record over two lines
+        writer.writerow([json.dumps([{"role": "user", "content": "only a question"}]), "x"])
+        writer.writerow(["[not json", "y"])
+    error = problems_of(path)
+    assert [(p.line, p.field) for p in error.problems] == [(4, "messages"), (5, "messages")]
+    assert "no assistant message" in error.problems[0].message and "not valid JSON" in error.problems[1].message
+    docs = tmp_path / "docs.csv"
+    docs.write_text("document\nsome text\nmore text\n")
+    assert check_data(str(docs), kind="pretraining") is None
+    pairs = tmp_path / "pairs.csv"
+    pairs.write_text("prompt,chosen,rejected\nQ?,A,B\n")
+    assert load_preference_data(str(pairs))[0]["chosen"] == "A"

@@ -293,6 +293,8 @@ def _metrics_callback(path: Path, keep_through_step: int | None):
             if kind == "train" and "loss" not in logs:  # the end-of-training summary (train_runtime, ...)
                 return None
             record = {"type": kind, "step": state.global_step}
+            if kind == "train":
+                record["max_steps"] = state.max_steps  # progress readers (Kubeflow's) use it, as upstream writes it
             for key, value in logs.items():
                 name = key[len("eval_"):] if kind == "validation" and key.startswith("eval_") else key
                 record[_LOG_KEYS.get(name, name.replace("/", "_"))] = value

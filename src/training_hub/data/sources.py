@@ -1,7 +1,8 @@
 """Finding and reading data files, record by record, with the location of each record.
 
 Supported sources: a ``.jsonl`` file, a ``.json`` file (a JSON list of records, or JSON lines), a ``.parquet``
-file, a directory holding such files (searched recursively, in sorted order), or a directory written by
+file, a ``.csv`` file (a header row; a ``messages``/``chosen``/``rejected`` cell may hold JSON, as upstream's CSV
+data does), a directory holding such files (searched recursively, in sorted order), or a directory written by
 ``datasets.Dataset.save_to_disk``. Reading never raises for bad content: a problem (invalid JSON, bytes that are
 not UTF-8, an empty file) is yielded in place of a record, so the validator can collect many of them.
 """
@@ -19,8 +20,9 @@ from typing import Any
 
 from training_hub.data.errors import DataProblem
 
-SUFFIXES = (".jsonl", ".json", ".parquet")
-VALID_SOURCES = ".jsonl, .json or .parquet file, a directory of them, or a datasets.save_to_disk directory"
+SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
+VALID_SOURCES = ".jsonl, .json, .parquet or .csv file, a directory of them, or a datasets.save_to_disk directory"
+JSON_CELLS = ("messages", "chosen", "rejected")  # CSV cells that hold a conversation as JSON text
 
 logger = logging.getLogger(__name__)
 
@@ -45,14 +47,14 @@ def find_files(data_path: str) -> tuple[list[Path], DataProblem | None]:
         skipped = [p for p in found if p not in files]
         visible = [p for p in skipped if not p.name.startswith(".")]
         if visible:
-            warnings.warn(f"data_path {path}: skipped {len(visible)} file(s) that are not .jsonl/.json/.parquet: "
+            warnings.warn(f"data_path {path}: skipped {len(visible)} file(s) that are not .jsonl/.json/.parquet/.csv: "
                           f"{', '.join(str(p.relative_to(path)) for p in visible[:10])}", UserWarning, stacklevel=3)
-        logger.info("data_path %s: reading %d file(s): %s; skipped %d (not .jsonl/.json/.parquet, or hidden)%s",
+        logger.info("data_path %s: reading %d file(s): %s; skipped %d (not .jsonl/.json/.parquet/.csv, or hidden)%s",
                     path, len(files), ", ".join(str(p.relative_to(path)) for p in files) or "none", len(skipped),
                     (": " + ", ".join(str(p.relative_to(path)) for p in skipped[:20])) if skipped else "")
         if not files:
-            return [], DataProblem(str(path), None, "data_path", "directory holds no .jsonl, .json or .parquet "
-                                   "files", VALID_SOURCES)
+            return [], DataProblem(str(path), None, "data_path", "directory holds no .jsonl, .json, .parquet or "
+                                   ".csv files", VALID_SOURCES)
         return files, None
     if path.suffix not in SUFFIXES:
         return [], DataProblem(str(path), None, "data_path", f"unsupported file type {path.suffix or '(none)'!r}",
@@ -71,6 +73,8 @@ def iter_source(data_path: str) -> Iterator[Any]:
             yield from _read_saved_dataset(path)
         elif path.suffix == ".parquet":
             yield from _read_parquet(path)
+        elif path.suffix == ".csv":
+            yield from _read_csv(path)
         else:
             yield from _read_json_file(path)
 
@@ -90,6 +94,49 @@ def _read_json_file(path: Path) -> Iterator[Any]:
                           ".json (a .jsonl file holds one JSON object per line)", "one JSON object per line")
     else:
         yield from _read_json_lines(path, data)
+
+
+def _read_csv(path: Path) -> Iterator[Any]:
+    """The rows of a CSV file with a header, each with the line it starts on; JSON text in a ``messages``,
+    ``chosen`` or ``rejected`` cell becomes the list/object it spells (a cell that is not JSON is reported)."""
+    import csv
+
+    name = str(path)
+    try:
+        handle = open(path, encoding="utf-8-sig", newline="")
+    except OSError as e:
+        yield DataProblem(name, None, "file", f"cannot read: {e.strerror}", "a readable CSV file")
+        return
+    with handle:
+        try:
+            reader = csv.DictReader(handle)
+            if not reader.fieldnames:
+                yield DataProblem(name, None, "file", "file is empty", "a header row, then one record per row")
+                return
+            line = reader.line_num + 1
+            for row in reader:
+                yield from _csv_record(name, line, row)
+                line = reader.line_num + 1
+        except (csv.Error, UnicodeDecodeError) as e:
+            yield DataProblem(name, reader.line_num or None, "file", f"unreadable CSV: {e}", "UTF-8 CSV with a header")
+
+
+def _csv_record(name: str, line: int, row: dict) -> Iterator[Any]:
+    if None in row:
+        yield DataProblem(name, line, "row", f"{len(row[None])} more cell(s) than the header has columns",
+                          "as many cells as header columns")
+        return
+    record: dict[str, Any] = dict(row)
+    for key in JSON_CELLS:
+        text = record.get(key)
+        if isinstance(text, str) and text.strip()[:1] in ("[", "{"):
+            try:
+                record[key] = json.loads(text)
+            except json.JSONDecodeError as e:
+                yield DataProblem(name, line, key, f"cell is not valid JSON: {e.msg} at column {e.colno}",
+                                  "a JSON list of {role, content} messages")
+                return
+    yield name, line, record
 
 
 def _read_json_lines(path: Path, data: bytes) -> Iterator[Any]:

@@ -86,10 +86,11 @@ def progress_bar(total: int, initial: int, disable: bool, desc: str = "sft"):
 
 
 def step_record(*, step: int, epoch: float, loss: float, lr: float, grad_norm: float, samples: int, tokens: int,
-                loss_tokens: int, seconds: float, elapsed: float) -> dict:
-    """The metrics.jsonl record of one optimizer step (samples/tokens are this step's; elapsed since start)."""
+                loss_tokens: int, seconds: float, elapsed: float, max_steps: int | None = None) -> dict:
+    """The metrics.jsonl record of one optimizer step (samples/tokens are this step's; elapsed since start;
+    ``max_steps`` the run's planned number of steps, which progress readers such as Kubeflow's use)."""
     return {
-        "type": "train", "step": step, "epoch": round(epoch, 6), "loss": loss, "lr": lr, "grad_norm": grad_norm,
+        "type": "train", "step": step, "max_steps": max_steps, "epoch": round(epoch, 6), "loss": loss, "lr": lr, "grad_norm": grad_norm,
         "samples": samples, "tokens": tokens, "loss_tokens": loss_tokens,
         "tokens_per_second": tokens / max(seconds, 1e-9), "elapsed": round(elapsed, 4),
     }

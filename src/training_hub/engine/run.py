@@ -35,7 +35,7 @@ from typing import Any, Callable, Iterator, Protocol
 import torch
 
 from training_hub.engine import checkpoint as ckpt
-from training_hub.engine import distributed
+from training_hub.engine import distributed, storage
 from training_hub.config.groups import RESUME_CHANGEABLE
 from training_hub.engine.batching import Step
 from training_hub.engine.metrics import DiscardMetrics, MetricsWriter, peak_memory_bytes, progress_bar, step_record
@@ -56,6 +56,7 @@ class StepOutcome:
     loss_tokens: int
     stop: bool = False  # every rank agreed to stop after this step (a signal reached one of them)
     extra: dict = field(default_factory=dict)  # e.g. DPO's reward statistics, added to the metrics record
+    step: Step | None = None  # the step as it ran, for a loop that makes its samples inside it (GRPO's rollouts)
 
 
 class Recipe(Protocol):
@@ -177,7 +178,7 @@ NOT_IN_PLAN = frozenset({
     "logging_steps", "disable_progress_bar", "wandb_project", "wandb_entity", "wandb_run_name",
     "tensorboard_log_dir", "mlflow_tracking_uri", "mlflow_experiment_name", "mlflow_run_name", "callbacks",
     "nproc_per_node", "nnodes", "node_rank", "rdzv_id", "rdzv_endpoint", "master_addr", "master_port", "strategy",
-    "fsdp_options",
+    "fsdp_options", "enable_jit_checkpoint", "checkpoint_storage",
     "trust_remote_code", "dtype", "gradient_checkpointing", "use_liger", "merge",
 })
 
@@ -257,6 +258,7 @@ class Run:
         writer = (MetricsWriter(root / ckpt.METRICS_FILE, keep_through_step=progress.global_step if resumed else None)
                   if ranks.is_main else DiscardMetrics())
         self.reporter = RunReporter(writer, config, backend="native", enabled=ranks.is_main)
+        self.mirror = storage.start_mirror(config, root) if ranks.is_main else None  # checkpoint_storage's uploads
         self.train_seconds, self.train_tokens, self.status = 0.0, 0, "success"
         self.stopped_by: str | None = None
         self.zero_grad_steps = 0
@@ -268,9 +270,13 @@ class Run:
             path = recipe.save_checkpoint(progress.samples_seen)  # every rank takes part (FSDP2 gathers)
             if path is not None:
                 ckpt.prune_hf_checkpoints(self.root, self.config.keep_last_n_checkpoints)
+                if self.mirror:
+                    self.mirror.add(path)
                 self.reporter.saved(path)
             progress.last_saved_samples = progress.samples_seen
         recipe.save_state(progress.state(self.clock()))
+        if self.mirror:
+            self.mirror.add(ckpt.complete_states(self.root)[-1])
 
     def validate(self, recipe: Recipe) -> None:
         stats = recipe.validate()
@@ -279,7 +285,8 @@ class Run:
                              "epoch": round(progress.fractional_epoch(self.steps_per_epoch), 6), **stats,
                              "elapsed": round(self.clock(), 4)})
         progress.last_validation = stats
-        logger.info("validation loss %.4f at step %d", stats["loss"], progress.global_step)
+        logger.info("validation %s at step %d", " ".join(f"{k} {v:.4g}" for k, v in stats.items()
+                                                         if isinstance(v, float)), progress.global_step)
 
     def record_step(self, recipe: Recipe, step: Step, out: StepOutcome, seconds: float, steps_in_epoch: int,
                     bar) -> None:
@@ -293,12 +300,12 @@ class Run:
         record = step_record(step=progress.global_step, epoch=progress.fractional_epoch(steps_in_epoch),
                              loss=out.loss, lr=out.lr, grad_norm=out.grad_norm, samples=step.num_samples,
                              tokens=step.num_tokens, loss_tokens=out.loss_tokens, seconds=seconds,
-                             elapsed=self.clock())
+                             elapsed=self.clock(), max_steps=self.total_steps)
         self.reporter.write({**record, **out.extra})
         bar.update(1)
         bar.set_postfix(loss=f"{out.loss:.4f}", tok_s=f"{record['tokens_per_second']:.0f}")
-        if progress.global_step % config.logging_steps == 0:
-            logger.info("step %d/%d loss %.4f lr %.3g grad_norm %.3f %.0f tok/s%s", progress.global_step,
+        if progress.global_step % config.logging_steps == 0:  # a line each N steps where no bar shows them
+            logger.log(logging.DEBUG if not bar.disable else logging.INFO,"step %d/%d loss %.4f lr %.3g grad_norm %.3f %.0f tok/s%s", progress.global_step,
                         self.total_steps, out.loss, out.lr, out.grad_norm, record["tokens_per_second"],
                         "".join(f" {k} {v:.4g}" for k, v in out.extra.items() if isinstance(v, float)))
         if config.eval_steps and progress.global_step % config.eval_steps == 0:
@@ -383,7 +390,7 @@ def train_epoch(run: Run, recipe: Recipe, steps: list[Step], bar, sigterm: dict)
         step = steps[progress.step_in_epoch]
         t0 = time.perf_counter()
         out = recipe.train_step(step, lambda: sigterm["stop"])  # asked late in the step, as ranks agree
-        run.record_step(recipe, step, out, time.perf_counter() - t0, len(steps), bar)
+        run.record_step(recipe, out.step or step, out, time.perf_counter() - t0, len(steps), bar)
         # Several ranks stop on the step they agreed on; one process also on a signal that came while it logged.
         if out.stop or (not run.ranks.distributed and sigterm["stop"]):
             return True
@@ -416,7 +423,13 @@ def execute(run: Run, recipe: Recipe, has_validation: bool) -> TrainingResult:
                 run.end_epoch(recipe, has_validation)
             if run.status == "success" and config.save_final_checkpoint:
                 run.save(recipe, hf=True)  # still under the handlers: a stop request waits for the write
+    except Exception:
+        if run.mirror:
+            run.mirror.finish()  # uploads under way end complete or unmarked; the run's own error is the one raised
+        raise
     finally:
         bar.close()
         run.reporter.close()
-    return run.result(recipe)
+    result = run.result(recipe)
+    storage.finish_mirror(run.mirror)  # after the process group's teardown: the other ranks are not kept waiting
+    return result
