@@ -247,3 +247,15 @@ def test_csv_rows_with_json_messages_and_their_line_numbers(tmp_path):
     pairs = tmp_path / "pairs.csv"
     pairs.write_text("prompt,chosen,rejected\nQ?,A,B\n")
     assert load_preference_data(str(pairs))[0]["chosen"] == "A"
+
+
+@pytest.mark.parametrize("kind, record, words", [
+    ("preference", GOOD, "holds chat data"),
+    ("pretraining", GOOD, "holds chat data"),
+    ("chat", {"prompt": "Q", "chosen": "A", "rejected": "B"}, "for preference pairs use dpo()"),
+    ("preference", {"document": "some text"}, "holds pretraining documents"),
+])
+def test_data_in_another_algorithms_format_is_one_problem(tmp_path, kind, record, words):
+    path = write_lines(tmp_path / "data.jsonl", [record] * 30)
+    [problem] = problems_of(path, kind=kind).problems
+    assert (problem.line, problem.field) == (1, "record") and words in problem.message

@@ -54,6 +54,11 @@ def read_records(data_path: str, *, kind: str = "chat", document_column_name: st
             def report(field_name: str, message: str, valid: str, path=path, line=line) -> None:
                 collector.add(DataProblem(path, line, field_name, message, valid))
 
+            if not records.items and not collector.problems:
+                other = _other_format(kind, record, document_column_name)
+                if other is not None:  # one clear problem, not the same complaint on every line
+                    collector.add(DataProblem(path, line, "record", other[0], other[1]))
+                    break
             value = normalize(record, report)
             if value is not None and not collector.problems:
                 records.items.append(value)
@@ -70,6 +75,34 @@ def read_records(data_path: str, *, kind: str = "chat", document_column_name: st
         collector.raise_if_any()
     _warn_suspicious(records)
     return records
+
+
+_FORMATS = {
+    "chat": ("chat data (a 'messages' list, or alpaca instruction/output)",
+             "sft(), osft() or lora_sft() (without is_pretraining)"),
+    "preference": ("preference pairs (prompt/chosen/rejected)", "dpo()"),
+    "pretraining": ("pretraining documents", "sft(..., is_pretraining=True)"),
+}
+
+
+def _other_format(kind: str, record, document_column_name: str) -> tuple[str, str] | None:
+    """(message, valid) when the first record is plainly in another algorithm's format, else None."""
+    if not isinstance(record, dict):
+        return None
+    keys = set(record)
+    looks = None
+    if {"prompt", "chosen", "rejected"} <= keys or ({"chosen", "rejected"} <= keys and "messages" not in keys):
+        looks = "preference"
+    elif "messages" in keys or {"instruction", "output"} <= keys:
+        looks = "chat"
+    elif document_column_name in keys and len(keys & {"messages", "prompt", "chosen", "instruction"}) == 0:
+        looks = "pretraining"
+    if looks is None or looks == kind:
+        return None
+    wanted, _ = _FORMATS[kind]
+    found, other_function = _FORMATS[looks]
+    return (f"this file holds {found}, but this call reads {wanted}; for {found.split(' (')[0]} use "
+            f"{other_function}", f"{wanted}; see docs/data-formats.md")
 
 
 def _suspicious(kind: str, item) -> str | None:
