@@ -1,4 +1,4 @@
-"""A tiny, randomly initialised chat model built offline, for tests, demos and benchmarks.
+"""A tiny, randomly initialised chat model (or text encoder) built offline, for tests, demos and benchmarks.
 
 ``make_tiny_model(out_dir)`` trains a byte-level BPE tokenizer on a small corpus, builds a small Qwen2 (or
 Llama) causal LM with random weights, and saves both as an ordinary Hugging Face folder that
@@ -6,6 +6,9 @@ Llama) causal LM with random weights, and saves both as an ordinary Hugging Face
 
 The folder holds a ChatML chat template whose assistant turns are wrapped in ``{% generation %}`` markers, so
 ``apply_chat_template(..., return_assistant_tokens_mask=True)`` (and TRL's ``assistant_only_loss``) work.
+
+``arch="bert"`` builds a tiny BERT encoder with a WordPiece tokenizer instead (no chat template): a plain Hugging
+Face encoder directory, e.g. for ``embedding_sft`` (sentence-transformers adds mean pooling to it).
 
 Importing this module is cheap: torch, transformers and tokenizers are imported inside the functions.
 """
@@ -19,8 +22,9 @@ from pathlib import Path
 
 from training_hub.fsutil import atomic_directory
 
-__all__ = ["make_tiny_model", "demo_data_path", "CHATML_TEMPLATE", "SPECIAL_TOKENS"]
+__all__ = ["make_tiny_model", "demo_data_path", "labelled_texts", "CHATML_TEMPLATE", "SPECIAL_TOKENS"]
 
+ARCHS = ("qwen2", "llama", "bert")
 PAD_TOKEN = "<|endoftext|>"
 IM_START = "<|im_start|>"
 IM_END = "<|im_end|>"
@@ -85,6 +89,38 @@ def demo_data_path(name: str = "chat.jsonl") -> Path:
     return path
 
 
+# Labelled synthetic requests for embedding tests and benchmarks: a few topic words in shared filler.
+_TOPICS = (
+    ("invoice", "payment", "refund", "charge", "bill", "price", "card", "account", "money", "receipt"),
+    ("error", "crash", "install", "server", "bug", "update", "login", "password", "screen", "code"),
+    ("flight", "hotel", "train", "ticket", "airport", "trip", "booking", "luggage", "city", "river"),
+    ("recipe", "bake", "oven", "flour", "sugar", "soup", "kitchen", "dinner", "bread", "morning"),
+)
+_FILLER = ("please", "help", "me", "with", "the", "my", "i", "need", "can", "you", "today", "about", "a", "question",
+           "again", "this", "is", "not", "what", "should", "do", "now", "thanks", "there", "some", "and", "for")
+
+
+def labelled_texts(per_label: int, *, num_labels: int = 4, topic_words: int = 2, filler_words: int = 6,
+                   seed: int = 0) -> list[dict]:
+    """``per_label`` synthetic texts for each of ``num_labels`` (<= 4) topics: ``{"text": ..., "label": i}``.
+
+    Each text is ``topic_words`` words of its topic among ``filler_words`` words shared by every topic, shuffled,
+    so a label is recognisable from a minority of its words. Deterministic for a ``seed``.
+    """
+    import random
+
+    if not 1 <= num_labels <= len(_TOPICS):
+        raise ValueError(f"labelled_texts: num_labels must be 1..{len(_TOPICS)}, got {num_labels}")
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(per_label):
+        for label in range(num_labels):
+            words = rng.sample(_TOPICS[label], topic_words) + rng.choices(_FILLER, k=filler_words)
+            rng.shuffle(words)
+            rows.append({"text": " ".join(words), "label": label})
+    return rows
+
+
 def _default_corpus() -> Iterator[str]:
     """The demo chat data, one text per sample with each message as "role\ncontent", then generic English."""
     with open(demo_data_path(), encoding="utf-8") as f:
@@ -98,8 +134,8 @@ def _check_args(arch, hidden_size, num_layers, num_heads, num_kv_heads, intermed
                 max_position_embeddings) -> None:
     """Raise one ValueError listing every problem with the size arguments."""
     problems = []
-    if arch not in ("qwen2", "llama"):
-        problems.append(f"arch must be 'qwen2' or 'llama', got {arch!r}")
+    if arch not in ARCHS:
+        problems.append(f"arch must be one of {', '.join(map(repr, ARCHS))}, got {arch!r}")
     for name, value in [("hidden_size", hidden_size), ("num_layers", num_layers), ("num_heads", num_heads),
                         ("num_kv_heads", num_kv_heads), ("max_position_embeddings", max_position_embeddings)]:
         if not isinstance(value, int) or value < 1:
@@ -156,6 +192,53 @@ def _train_tokenizer(corpus: Iterable[str], vocab_size: int, model_max_length: i
     return tokenizer
 
 
+BERT_SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
+
+
+def _train_wordpiece(corpus: Iterable[str], vocab_size: int, model_max_length: int):
+    """A lower-casing WordPiece tokenizer (BERT's pipeline: ``[CLS] text [SEP]``) whose vocabulary is built here,
+    deterministically: the special tokens, every printable ASCII character and every character of ``corpus`` (alone
+    and as a ``##`` continuation, so any word encodes), then the most frequent words of ``corpus`` (ties
+    alphabetical). The ``tokenizers`` WordPiece trainer breaks ties differently from run to run."""
+    import string
+    from collections import Counter
+
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+    from transformers import BertTokenizerFast
+
+    normalizer, pre_tokenizer = normalizers.BertNormalizer(lowercase=True), pre_tokenizers.BertPreTokenizer()
+    counts: Counter = Counter()
+    for text in corpus:
+        counts.update(word for word, _ in pre_tokenizer.pre_tokenize_str(normalizer.normalize_str(text)))
+    chars = sorted(set(string.printable.strip().lower()) | {c for word in counts for c in word})
+    vocab = [*BERT_SPECIAL_TOKENS, *chars, *(f"##{c}" for c in chars)]
+    words = [w for w, _ in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])) if len(w) > 1]
+    vocab += words[:max(0, vocab_size - len(vocab))]
+    tok = Tokenizer(models.WordPiece({token: i for i, token in enumerate(vocab)}, unk_token="[UNK]"))
+    tok.normalizer, tok.pre_tokenizer, tok.decoder = normalizer, pre_tokenizer, decoders.WordPiece()
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+        special_tokens=[("[CLS]", vocab.index("[CLS]")), ("[SEP]", vocab.index("[SEP]"))])
+    return BertTokenizerFast(tokenizer_object=tok, model_max_length=model_max_length, pad_token="[PAD]",
+                             unk_token="[UNK]", cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]")
+
+
+def _build_encoder(tokenizer, *, hidden_size, num_layers, num_heads, intermediate_size, max_position_embeddings,
+                   seed):
+    """A randomly initialised fp32 BERT encoder (no head) whose weights depend only on the arguments and ``seed``."""
+    import torch
+    import transformers
+
+    config = transformers.BertConfig(
+        vocab_size=len(tokenizer), hidden_size=hidden_size, num_hidden_layers=num_layers,
+        num_attention_heads=num_heads, intermediate_size=intermediate_size or 4 * hidden_size,
+        max_position_embeddings=max_position_embeddings, pad_token_id=tokenizer.pad_token_id, dtype="float32")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = transformers.BertModel(config)
+    return model.to(torch.float32).eval()
+
+
 def _build_model(arch: str, tokenizer, *, hidden_size, num_layers, num_heads, num_kv_heads, intermediate_size,
                  max_position_embeddings, seed):
     """A randomly initialised fp32 causal LM whose weights depend only on the arguments and ``seed``."""
@@ -209,7 +292,8 @@ def make_tiny_model(
     Args:
         out_dir: folder to write (config, safetensors weights, tokenizer with chat template, generation config).
             It must not exist or be empty, unless ``overwrite=True``.
-        arch: ``"qwen2"`` or ``"llama"``.
+        arch: ``"qwen2"`` or ``"llama"`` (causal chat models), or ``"bert"`` (an encoder with a WordPiece
+            tokenizer and no chat template; ``num_kv_heads`` does not apply).
         hidden_size, num_layers, num_heads, num_kv_heads: transformer sizes.
         intermediate_size: MLP width; ``None`` means ``4 * hidden_size``.
         vocab_size: target BPE vocabulary size, special tokens included. The model's vocabulary is the
@@ -231,6 +315,17 @@ def make_tiny_model(
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())) and not overwrite:
         raise ValueError(f"make_tiny_model: {out_dir} exists and is not an empty folder (pass overwrite=True)")
 
+    if arch == "bert":  # the default vocabulary also covers the words of labelled_texts()
+        words = [" ".join(topic) for topic in _TOPICS] + [" ".join(_FILLER)]
+        tokenizer = _train_wordpiece([*_default_corpus(), *words] if corpus is None else corpus, vocab_size,
+                                     max_position_embeddings)
+        encoder = _build_encoder(tokenizer, hidden_size=hidden_size, num_layers=num_layers, num_heads=num_heads,
+                                 intermediate_size=intermediate_size, max_position_embeddings=max_position_embeddings,
+                                 seed=seed)
+        with atomic_directory(out_dir, prefix=f".{out_dir.name}.tmp-") as tmp:
+            encoder.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+        return out_dir
     tokenizer = _train_tokenizer(_default_corpus() if corpus is None else corpus, vocab_size,
                                  max_position_embeddings)
     model = _build_model(arch, tokenizer, hidden_size=hidden_size, num_layers=num_layers, num_heads=num_heads,

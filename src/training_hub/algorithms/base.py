@@ -126,7 +126,7 @@ def _with_passthrough_hints(name: str, error: ParameterError, unknown: list[str]
             line = (f"{param}: not a training_hub parameter; it is an option of the {backend} backend's engine, "
                     f"passed through only with backend='{backend}'")
         problems.append(line)
-    return ParameterError(f"{name}()", problems)
+    return type(error)(f"{name}()", problems)  # a ParameterTypeError stays one
 
 
 def refusals_of(backend_cls: type, call: Call) -> list[str]:

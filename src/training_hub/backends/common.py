@@ -65,7 +65,8 @@ def check_model(config: Any, algorithm: str) -> None:
 
     model_path = getattr(config, "model_path", None)
     if model_path:
-        chat = algorithm != "dpo" and not getattr(config, "is_pretraining", False)  # DPO text pairs need none
+        # DPO text pairs and embedding_sft's plain texts need no chat template
+        chat = algorithm not in ("dpo", "embedding_sft") and not getattr(config, "is_pretraining", False)
         check_model_dir(str(model_path), need_chat_template=chat,
                         trust_remote_code=bool(getattr(config, "trust_remote_code", False)))
 

@@ -16,6 +16,7 @@ We write this small layer ourselves (instead of pydantic) because it must stay i
 
 from __future__ import annotations
 
+import collections.abc
 import dataclasses
 import difflib
 import types
@@ -128,7 +129,7 @@ def _type_name(tp: Any) -> str:
         return " | ".join(_type_name(a) for a in typing.get_args(tp))
     if origin is not None:
         inner = ", ".join(_type_name(a) for a in typing.get_args(tp))
-        return f"{origin.__name__}[{inner}]"
+        return f"{origin.__name__}[{inner}]" if inner else origin.__name__
     return getattr(tp, "__name__", str(tp))
 
 
@@ -192,9 +193,18 @@ class ParameterError(ValueError):
         super().__init__(f"{len(self.problems)} problem(s) with the parameters of {what}:\n{lines}")
 
 
+class ParameterTypeError(ParameterError, TypeError):
+    """A :class:`ParameterError` with at least one value of the wrong type: also a ``TypeError``, as Python raises
+    for an argument of the wrong type (upstream raises ``TypeError`` for a ``loss_fn`` that is not callable)."""
+
+
 def check_value(spec: ParamSpec, value: Any) -> tuple[Any, str | None]:
     """Check (and gently coerce: int -> float, PathLike -> str) one value. Returns (value, problem)."""
+    if value is None and not spec.required and spec.default is None:
+        return value, None  # None is this parameter's default (e.g. loss_fn: Callable, unset)
     ok, value = _conforms(spec.type, value)
+    if not ok and typing.get_origin(spec.type) is collections.abc.Callable:
+        return value, f"{spec.name} must be callable, got {value!r} ({type(value).__name__})"
     if not ok:
         problem = f"{spec.name}: expected {spec.type_name}, got {value!r} ({type(value).__name__})"
         hint = closest(value, [c for c in spec.choices or () if isinstance(c, str)]) if isinstance(value, str) else None
@@ -260,6 +270,7 @@ def validate_params(config_cls: type, params: dict[str, Any], *, what: str = "th
     specs = param_specs(config_cls)
     problems: list[str] = []
     values: dict[str, Any] = {}
+    wrong_type = False
     for name, value in params.items():
         spec = specs.get(name)
         if spec is None:
@@ -269,6 +280,7 @@ def validate_params(config_cls: type, params: dict[str, Any], *, what: str = "th
         value, problem = check_value(spec, value)
         if problem:
             problems.append(problem)
+            wrong_type = wrong_type or not _conforms(spec.type, value)[0]
         values[name] = value
     for name, spec in specs.items():
         if spec.required and params.get(name) is None:
@@ -278,7 +290,7 @@ def validate_params(config_cls: type, params: dict[str, Any], *, what: str = "th
         problems.extend(config.checks())
         if not problems:
             return config
-    raise ParameterError(what, problems)
+    raise (ParameterTypeError if wrong_type else ParameterError)(what, problems)
 
 
 class DeclaredConfig:
