@@ -596,7 +596,8 @@ def build_parser() -> argparse.ArgumentParser:
                                  "usage/parameter/data errors.", add_help=False)
     tiny = sub.add_parser("make-tiny-model", help="Build a tiny random model + tokenizer offline.")
     tiny.add_argument("dir")
-    tiny.add_argument("--arch", choices=["qwen2", "llama"], default="qwen2")
+    tiny.add_argument("--arch", choices=["qwen2", "llama", "bert"], default="qwen2",
+                      help="qwen2/llama: a causal chat model; bert: a text encoder (e.g. for embedding_sft)")
     tiny.add_argument("--hidden-size", type=int, default=64)
     tiny.add_argument("--num-layers", type=int, default=2)
     tiny.add_argument("--vocab-size", type=int, default=1024)
