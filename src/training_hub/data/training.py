@@ -39,17 +39,20 @@ def check_sample_lengths(lengths: Sequence[int], max_tokens_per_gpu: int, what: 
             f"Raise max_tokens_per_gpu to at least {length}, or lower max_seq_len.")
 
 
-def prepare_training_data(config: Any, tokenizer: Any, root: Path, verbose: bool = True) -> TrainingData:
+def prepare_training_data(config: Any, tokenizer: Any, root: Path, verbose: bool = True,
+                          cache_dir: Path | None = None) -> TrainingData:
     """Validate and tokenize the training data (and the validation data or split); check every sample fits.
 
     ``prepare_sft_data`` validates every record before it writes its cache (a cache hit means the same bytes were
     validated before), so a data error leaves ckpt_output_dir untouched; the validation file is checked up front
-    so that its errors, too, come before the training data's cache is written.
+    so that its errors, too, come before the training data's cache is written. ``cache_dir`` replaces the cache's
+    place (``data_output_dir``, else ``root/data_cache``): a plan writes nothing into the output directory.
     """
     kind = "pretraining" if config.is_pretraining else "chat"
     if config.validation_data_path:
         check_data(config.validation_data_path, kind=kind, document_column_name=config.document_column_name)
-    cache = Path(config.data_output_dir) if config.data_output_dir else root / "data_cache"
+    cache = Path(cache_dir) if cache_dir is not None else (
+        Path(config.data_output_dir) if config.data_output_dir else root / "data_cache")
 
     def prepare(path: str, name: str):
         return prepare_sft_data(

@@ -30,6 +30,7 @@ class Step:
     num_samples: int  # of the whole step, across ranks
     num_tokens: int
     max_micro_batches: int = 0  # the most micro-batches any rank has in this step (every rank runs that many)
+    largest_micro_batch: int = 0  # tokens of the largest micro-batch of any rank in this step (the memory peak)
 
 
 def pack_into_micro_batches(indices: Sequence[int], lengths: Sequence[int], max_tokens: int) -> list[list[int]]:
@@ -88,8 +89,16 @@ def plan_epoch(lengths: Sequence[int], *, effective_batch_size: int,
             num_samples=len(chosen),
             num_tokens=sum(lengths[i] for i in chosen),
             max_micro_batches=max(len(p) for p in packed),
+            largest_micro_batch=max(sum(lengths[i] for i in micro) for p in packed for micro in p or [[]]),
         ))
     return steps
+
+
+def config_epoch(config, lengths: Sequence[int], max_tokens: int, epoch: int, num_ranks: int = 1,
+                 rank: int = 0) -> list[Step]:
+    """:func:`plan_epoch` with a run's settings: what the loops train and what ``engine.plan`` counts."""
+    return plan_epoch(lengths, effective_batch_size=config.effective_batch_size, max_tokens_per_gpu=max_tokens,
+                      seed=config.seed, epoch=epoch, num_ranks=num_ranks, rank=rank)
 
 
 def shift_labels(labels: Sequence[int]) -> list[int]:

@@ -74,10 +74,15 @@ def load_model(config: Any, device: torch.device) -> tuple[torch.nn.Module, torc
                                                  trust_remote_code=config.trust_remote_code).to(device)
     packed = use_packed_attention(model)
     logger.info("attention: %s", "per-sample SDPA" if packed else f"{model.config._attn_implementation}, position-id mask")
-    if checkpointing(config.gradient_checkpointing, device):  # renamed in later transformers 5 releases
-        if hasattr(model, "activation_checkpointing_enable"):
-            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        else:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if checkpointing(config.gradient_checkpointing, device):
+        enable_checkpointing(model)
     model.train()
     return model, save_dtype
+
+
+def enable_checkpointing(model: torch.nn.Module) -> None:
+    """Recompute each decoder layer in the backward pass (non-reentrant): what a run and its plan both do."""
+    if hasattr(model, "activation_checkpointing_enable"):  # renamed in later transformers 5 releases
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

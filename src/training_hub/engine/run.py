@@ -38,6 +38,7 @@ from training_hub.engine import checkpoint as ckpt
 from training_hub.engine import distributed, storage
 from training_hub.config.groups import RESUME_CHANGEABLE
 from training_hub.engine.batching import Step
+from training_hub.engine.ledger import MemoryLedger, steps_to_watch
 from training_hub.engine.metrics import DiscardMetrics, MetricsWriter, peak_memory_bytes, progress_bar, step_record
 from training_hub.engine.reporter import RunReporter
 from training_hub.engine.schedule import build_scheduler
@@ -262,6 +263,7 @@ class Run:
         self.train_seconds, self.train_tokens, self.status = 0.0, 0, "success"
         self.stopped_by: str | None = None
         self.zero_grad_steps = 0
+        self.ledger: MemoryLedger | None = None  # the run's memory ledger (engine.ledger), set by execute()
 
     def save(self, recipe: Recipe, hf: bool) -> None:
         """An HF checkpoint (once per sample count) and the training state that goes with it."""
@@ -371,6 +373,7 @@ class Run:
             "tokens_per_second": self.train_tokens / self.train_seconds if self.train_seconds > 0 else None,
             "elapsed_seconds": self.clock(), "peak_memory_bytes": peak_memory_bytes(self.device),
             "device": str(self.device), "metrics_path": str(self.root / ckpt.METRICS_FILE),
+            **({"memory": self.ledger.metrics()} if self.ledger else {}),
         }
         if ranks.distributed:
             metrics.update(num_processes=ranks.world_size, strategy=ranks.strategy)
@@ -385,11 +388,13 @@ class Run:
 def train_epoch(run: Run, recipe: Recipe, steps: list[Step], bar, sigterm: dict) -> bool:
     """Run the epoch's remaining steps (up to ``max_steps``); True when a stop was asked."""
     progress = run.progress
+    watched = steps_to_watch(steps, progress.global_step - progress.step_in_epoch)
     while progress.step_in_epoch < len(steps) and progress.global_step < run.total_steps:
         run.reporter.step_begin()
         step = steps[progress.step_in_epoch]
         t0 = time.perf_counter()
-        out = recipe.train_step(step, lambda: sigterm["stop"])  # asked late in the step, as ranks agree
+        with run.ledger.watch(progress.step_in_epoch in watched) if run.ledger else contextlib.nullcontext():
+            out = recipe.train_step(step, lambda: sigterm["stop"])  # asked late in the step, as ranks agree
         run.record_step(recipe, out.step or step, out, time.perf_counter() - t0, len(steps), bar)
         # Several ranks stop on the step they agreed on; one process also on a signal that came while it logged.
         if out.stop or (not run.ranks.distributed and sigterm["stop"]):
@@ -403,6 +408,7 @@ def train_epoch(run: Run, recipe: Recipe, steps: list[Step], bar, sigterm: dict)
 def execute(run: Run, recipe: Recipe, has_validation: bool) -> TrainingResult:
     """Train until ``num_epochs`` or ``max_steps`` (or a stop), save the final checkpoint, return the result."""
     config, progress = run.config, run.progress
+    run.ledger = MemoryLedger(recipe.raw if hasattr(recipe, "raw") else recipe.model, recipe.optimizer, run.device)
     run.reporter.begin(run.total_steps, progress.global_step, progress.samples_seen)
     bar = progress_bar(run.total_steps, progress.global_step, config.disable_progress_bar or not run.ranks.is_main,
                        desc=run.desc)
