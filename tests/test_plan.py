@@ -203,3 +203,24 @@ def test_time_estimate_returns_timedeltas(tiny_model_dir, chat_data, tmp_path):
                                   ckpt_dir=str(tmp_path / "t"), verbose=0)
     assert isinstance(low, timedelta) and timedelta(0) < low < high
     assert not (tmp_path / "t").exists()
+
+
+# ------------------------------------------------------------------------------------------------ the command
+
+def test_plan_command_prints_json_and_a_table(tiny_model_dir, chat_data, tmp_path, capsys):
+    from training_hub.cli import main
+
+    flags = ["--model-path", str(tiny_model_dir), "--data-path", str(chat_data), "--ckpt-output-dir",
+             str(tmp_path / "run"), "--max-seq-len", "256", "--effective-batch-size", "16"]
+    assert main(["plan", "sft", *flags, "--json", "--no-calibrate"]) == 0
+    planned = json.loads(capsys.readouterr().out)
+    assert planned["steps"] == 21 and planned["samples"] == 336
+    assert set(planned["memory"]) >= {"parameters", "gradients", "optimizer", "activations", "total"}
+    assert set(planned["memory"]["total"]) == {"low", "expected", "high"}
+    assert set(planned["time_seconds"]) == {"low", "expected", "high"}
+    assert main(["plan", "lora-sft", *flags, "--gpu", "H100", "--gpu-memory", "1MiB", "--lora-r", "4"]) == 0
+    table = capsys.readouterr().out
+    assert "Memory per device" in table and "H100" in table and "does NOT fit" in table
+    assert main(["plan", "sft", *flags, "--num-epoch", "2"]) == 2  # a misspelt flag: named, exit 2
+    assert "num_epochs" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()

@@ -423,6 +423,42 @@ def cmd_train(argv: Sequence[str]) -> int:
     return stopped_exit_code(result)
 
 
+def _byte_count(text: str) -> int:
+    """``--gpu-memory``: bytes, or a number with GB/GiB/MB/MiB (80GB = 80 * 10**9, 80GiB = 80 * 2**30)."""
+    units = {"gib": 2**30, "gb": 10**9, "mib": 2**20, "mb": 10**6, "b": 1}
+    lowered = text.strip().lower()
+    for unit, factor in units.items():
+        if lowered.endswith(unit):
+            return int(float(lowered[: -len(unit)]) * factor)
+    return int(lowered)
+
+
+def cmd_plan(argv: Sequence[str]) -> int:
+    """``training-hub plan ALGORITHM [train's flags] [--json] [--gpu NAME] [--gpu-memory SIZE]``: the steps, memory
+    per device and time of the run those flags would start (``training_hub.plan``), without training."""
+    options = argparse.ArgumentParser(prog="training-hub plan ALGORITHM", add_help=False, allow_abbrev=False)
+    options.add_argument("--json", action="store_true", help="print the plan as JSON")
+    options.add_argument("--gpu", help="estimate time for this GPU (e.g. H100) from its peak FLOP/s")
+    options.add_argument("--utilization", type=float, help="share of the GPU's peak FLOP/s (default 0.35)")
+    options.add_argument("--gpu-memory", type=_byte_count, help="memory per device to check the plan against "
+                                                                "(bytes, or e.g. 80GiB; default: free CUDA memory)")
+    options.add_argument("--no-calibrate", dest="calibrate", action="store_false",
+                         help="do not time steps of the run here (no time estimate without --gpu)")
+    if not argv or argv[0].startswith("-"):
+        print("usage: training-hub plan ALGORITHM [--json] [--gpu NAME] [--utilization F] [--gpu-memory SIZE] "
+              "[--no-calibrate] [train ALGORITHM's flags]\nalgorithms: sft, osft, lora_sft, dpo", file=sys.stderr)
+        return 0 if argv and argv[0] in ("-h", "--help") else 2
+    name = argv[0].replace("-", "_")
+    known, rest = options.parse_known_args(_normalise_flags(argv[1:]))
+    params, _backend = _algorithm_call(name, rest, prog=f"training-hub plan {name}")  # the plan is the native run's
+    from training_hub.planning import plan
+
+    result = plan(name, gpu=known.gpu, utilization=known.utilization, gpu_memory=known.gpu_memory,
+                  calibrate=known.calibrate, **params)
+    print(json.dumps(result.to_dict(), indent=2, default=str) if known.json else result)
+    return 0
+
+
 def cmd_algorithm(name: str, argv: Sequence[str]) -> int:
     """``thub ALGORITHM [--config FILE.yaml] [flags]`` (upstream's layout): a missing required parameter is named
     before anything runs; the algorithm's own function is called (``training_hub.algorithms.<module>``); a dict
@@ -594,6 +630,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("list", help="Algorithms, their backends and whether each can run here.")
     sub.add_parser("train", help="Alias: train ALGORITHM [flags] is `thub ALGORITHM [flags]` with exit code 2 for "
                                  "usage/parameter/data errors.", add_help=False)
+    sub.add_parser("plan", help="Plan ALGORITHM [train's flags] [--json]: steps, memory per device and time of "
+                                "that run, without training.", add_help=False)
     tiny = sub.add_parser("make-tiny-model", help="Build a tiny random model + tokenizer offline.")
     tiny.add_argument("dir")
     tiny.add_argument("--arch", choices=["qwen2", "llama", "bert"], default="qwen2",
@@ -664,6 +702,8 @@ def _dispatch(argv: list[str], algorithm: str | None) -> int:
         return cmd_algorithm(algorithm, argv[1:])
     if argv and argv[0] == "train":
         return cmd_train(argv[1:])
+    if argv and argv[0] == "plan":
+        return cmd_plan(argv[1:])
     parser = build_parser()
     if not argv:
         parser.print_help(sys.stdout)
