@@ -166,6 +166,15 @@ class CallbackList:
                                exc_info=True)
 
 
+def merge_default_callbacks(user_callbacks: Any = None, **options: Any) -> list:
+    """Upstream's helper: the preemption callbacks that ``options`` enable (``enable_jit_checkpoint``,
+    ``ckpt_output_dir``, ``backend``, ``checkpoint_storage``) ahead of ``user_callbacks``; see
+    :func:`training_hub.jit_checkpoint.merge_default_callbacks`. The built-in backends need none of them."""
+    from training_hub.jit_checkpoint import merge_default_callbacks as merge
+
+    return merge(user_callbacks, **options)
+
+
 # ------------------------------------------------------------------------------------------------ across processes
 
 

@@ -52,6 +52,10 @@ RULES: Rules = {
     "dtype": (lambda v, c: v in ("auto", "bfloat16"), "instructlab-training trains in bfloat16 mixed precision"),
     "max_steps": (lambda v, c: v is None, "instructlab-training stops at the end of num_epochs only"),
     "resume": (lambda v, c: not v, "resuming a run is not wired into the instructlab-training adapter"),
+    "enable_jit_checkpoint": (lambda v, c: not v, "a restarted run resuming by itself is not wired into the instructlab-training "
+                                                  "adapter; backend='native' saves on SIGTERM and resumes"),
+    "checkpoint_storage": (lambda v, c: v in (None, "", "pvc"), "mirroring checkpoints to a storage URL is not wired "
+                                                                "into the instructlab-training adapter; use backend='native'"),
     "keep_last_n_checkpoints": (lambda v, c: v in (None, 1),
                                 "instructlab-training keeps every checkpoint or only the last one (1)"),
     "strategy": (lambda v, c: v in ("auto", "fsdp2"), "instructlab-training shards the model with FSDP (strategy='fsdp2')"),

@@ -58,6 +58,10 @@ RULES: Rules = {
     "strategy": (lambda v, c: v in ("auto", "fsdp2"), "mini-trainer always shards the model with FSDP2"),
     "fsdp_options": (lambda v, c: not fsdp_cpu_offload(v), "mini-trainer has no CPU offload setting"),
     "resume": (lambda v, c: not v, "resuming a run is not wired into the mini-trainer adapter"),
+    "enable_jit_checkpoint": (lambda v, c: not v, "a restarted run resuming by itself is not wired into the mini-trainer "
+                                                  "adapter; backend='native' saves on SIGTERM and resumes"),
+    "checkpoint_storage": (lambda v, c: v in (None, "", "pvc"), "mirroring checkpoints to a storage URL is not wired "
+                                                                "into the mini-trainer adapter; use backend='native'"),
     "keep_last_n_checkpoints": (lambda v, c: v is None, "mini-trainer keeps every checkpoint"),
     "freeze_non_targets": (lambda v, c: not v, "mini-trainer trains every non-target parameter"),
     "gradient_checkpointing": (lambda v, c: not v, "mini-trainer has no activation recomputation option"),

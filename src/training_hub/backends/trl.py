@@ -36,6 +36,7 @@ from typing import Any, ClassVar, Dict
 from training_hub.backends.common import (
     BuiltinBackend, add_lora_models, availability_of, missing_modules, qlora_problems,
 )
+from training_hub.backends import trl_checkpoints
 from training_hub.backends.trl_bridge import hub_bridge
 from training_hub.config.algorithms import DPOConfig, LoRASFTConfig, SFTConfig
 from training_hub.config.groups import fsdp_cpu_offload
@@ -124,6 +125,14 @@ def _check_output_dir(root: Path, resume: bool) -> str | None:
         raise ExistingRunError(f"ckpt_output_dir {root} already holds a training run ({', '.join(found)}). Pass "
                          "resume=True to continue it, or choose another ckpt_output_dir (or delete this one).")
     return None
+
+
+def _open_output_dir(config, root: Path) -> str | None:
+    """:func:`_check_output_dir` after ``checkpoint_storage``'s restore; with ``enable_jit_checkpoint`` or a storage
+    URL a run resumes from its newest checkpoint by itself (``engine.storage.open_output_dir``)."""
+    from training_hub.engine.storage import open_output_dir
+
+    return open_output_dir(config, root, kind=STATE_DIR, check=_check_output_dir)
 
 
 # ------------------------------------------------------------------------------------------------ arguments
@@ -423,7 +432,7 @@ class TRLSFTBackend(_TRLBackend):
         if config.validation_data_path:
             validation = [{"messages": r["messages"]} for r in read_records(config.validation_data_path).items]
         root = Path(config.ckpt_output_dir)
-        resume_from = _check_output_dir(root, config.resume)
+        resume_from = _open_output_dir(config, root)
         from training_hub.fsutil import claim_directory
         with claim_directory(root):  # creates root; one live run per output directory
 
@@ -440,17 +449,22 @@ class TRLSFTBackend(_TRLBackend):
                 **_eval_arguments(config, validation is not None))
             callback = _metrics_callback(root / METRICS_FILE, _resume_step(resume_from))
             bridge = hub_bridge(config, callback.record)  # TrainingHubCallback hooks
+            extra, mirror, jit = trl_checkpoints.checkpoint_callbacks(config, root, STATE_DIR)
             trainer = SFTTrainer(
                 model=model, args=args, processing_class=tokenizer,
                 train_dataset=Dataset.from_list(train),
                 eval_dataset=Dataset.from_list(validation) if validation else None,
-                peft_config=self.peft_config(config, model), callbacks=[callback, bridge])
+                peft_config=self.peft_config(config, model), callbacks=[callback, bridge, *extra])
             dropped = _sft_length_policy(trainer, config)
-            path, metrics, _ = _train_and_save(trainer, config, root, resume_from, callback,
-                                               cast_back=not self.saves_adapter)
+            try:
+                path, metrics, _ = _train_and_save(trainer, config, root, resume_from, callback,
+                                                   cast_back=not self.saves_adapter)
+            except Exception:
+                trl_checkpoints.abandon(mirror)
+                raise
             bridge.saved(path)
             metrics.update(dropped_or_truncated_samples=dropped, **bridge.ctx.extra)  # stopped_by: a hook's stop
-            result = self._result(config, trainer, path, metrics, root)
+            result = trl_checkpoints.finish(self._result(config, trainer, path, metrics, root), mirror, jit)
             bridge.end(result)
             return result
 
@@ -538,7 +552,7 @@ class TRLDPOBackend(_TRLBackend):
         if config.validation_data_path:
             validation = load_preference_data(config.validation_data_path)
         root = Path(config.ckpt_output_dir)
-        resume_from = _check_output_dir(root, config.resume)
+        resume_from = _open_output_dir(config, root)
         from training_hub.fsutil import claim_directory
         with claim_directory(root):  # creates root; one live run per output directory
 
@@ -555,22 +569,28 @@ class TRLDPOBackend(_TRLBackend):
                 **_eval_arguments(config, validation is not None))
             callback = _metrics_callback(root / METRICS_FILE, _resume_step(resume_from))
             bridge = hub_bridge(config, callback.record)  # TrainingHubCallback hooks
+            extra, mirror, jit = trl_checkpoints.checkpoint_callbacks(config, root, STATE_DIR)
             trainer = DPOTrainer(model=model, args=args, processing_class=tokenizer,
                                  train_dataset=preference_dataset(train),
                                  eval_dataset=preference_dataset(validation) if validation else None,
-                                 callbacks=[callback, bridge])
+                                 callbacks=[callback, bridge, *extra])
             from training_hub.data.preference import preference_length_policy
 
             trainer.train_dataset, dropped = preference_length_policy(trainer.train_dataset, config, "dpo (trl)")
             if trainer.eval_dataset is not None:
                 trainer.eval_dataset, _ = preference_length_policy(trainer.eval_dataset, config, "dpo (trl) validation")
-            path, metrics, last = _train_and_save(trainer, config, root, resume_from, callback)
+            try:
+                path, metrics, last = _train_and_save(trainer, config, root, resume_from, callback)
+            except Exception:
+                trl_checkpoints.abandon(mirror)
+                raise
             bridge.saved(path)
             metrics.update(bridge.ctx.extra)  # stopped_by: a hook's stop
             metrics.update(dropped_or_truncated_samples=dropped, final_reward_margin=last.get("reward_margin"),
                            final_reward_accuracy=last.get("reward_accuracy"))
             result = TrainingResult(status="success", checkpoint_path=str(path) if path else None, metrics=metrics,
                                     output_dir=str(root))
+            result = trl_checkpoints.finish(result, mirror, jit)
             bridge.end(result)
             return result
 

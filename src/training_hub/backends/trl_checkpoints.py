@@ -55,7 +55,7 @@ def checkpoint_callbacks(config: Any, root: Path, state_dir: str) -> tuple[list,
             if state.is_world_process_zero and saved.is_dir():
                 mirror.add(saved)
 
-    jit = PreemptionCheckpoint() if config.enable_jit_checkpoint else None
+    jit = PreemptionCheckpoint() if getattr(config, "enable_jit_checkpoint", False) else None
     mirror = storage.start_mirror(config, root)
     callbacks = [c for c in (jit, MirrorCheckpoints() if mirror else None) if c is not None]
     return callbacks, mirror, jit

@@ -100,12 +100,12 @@ def preflight(config) -> None:
     """User errors the workers would hit, raised here as themselves (ValueError subclasses), before any launch:
     bad data (file:line) and an existing run in ckpt_output_dir without resume=True."""
     from training_hub.data import check_data
-    from training_hub.engine.checkpoint import check_output_dir
+    from training_hub.engine.storage import open_output_dir
 
     kind = "pretraining" if getattr(config, "is_pretraining", False) else "chat"
     for path in filter(None, (config.data_path, config.validation_data_path)):
         check_data(path, kind=kind, document_column_name=getattr(config, "document_column_name", "document"))
-    check_output_dir(Path(config.ckpt_output_dir), config.resume)
+    open_output_dir(config, Path(config.ckpt_output_dir))  # a storage URL's newest state is fetched here, once
 
 
 def check_gpus(plan: LaunchPlan) -> None:
