@@ -23,7 +23,8 @@ How our parameters map (``TrainingArgs`` field in brackets):
 * Refused, when given with another value, because the library has no such setting: ``lr_scheduler`` other than
   cosine, ``lr_scheduler_kwargs``, ``max_grad_norm`` other than 1.0, ``dtype='float32'``, ``max_steps``,
   ``resume``, ``keep_last_n_checkpoints`` > 1, ``strategy='ddp'``, ``gradient_checkpointing=False``,
-  ``validation_data_path``, ``validation_split`` without ``eval_steps``.
+  ``validation_data_path``, ``validation_split`` without ``eval_steps``; ``enable_jit_checkpoint`` and a
+  ``checkpoint_storage`` URL (their automatic resume and mirroring are the native and trl backends').
 * ``fsdp_options`` (a dict or ``FSDPOptions``) [fsdp_options], over the sharding ``strategy`` gives.
 * Other ``TrainingArgs`` fields (e.g. ``disable_flash_attn``, ``deepspeed_options``) are engine options: accepted
   with this backend only, passed through as given (see ``passthrough_params``).
@@ -52,10 +53,10 @@ RULES: Rules = {
     "dtype": (lambda v, c: v in ("auto", "bfloat16"), "instructlab-training trains in bfloat16 mixed precision"),
     "max_steps": (lambda v, c: v is None, "instructlab-training stops at the end of num_epochs only"),
     "resume": (lambda v, c: not v, "resuming a run is not wired into the instructlab-training adapter"),
-    "enable_jit_checkpoint": (lambda v, c: not v, "a restarted run resuming by itself is not wired into the instructlab-training "
+    "enable_jit_checkpoint": (lambda v, c: not v, f"a restarted run resuming by itself is not wired into the {NAME} "
                                                   "adapter; backend='native' saves on SIGTERM and resumes"),
-    "checkpoint_storage": (lambda v, c: v in (None, "", "pvc"), "mirroring checkpoints to a storage URL is not wired "
-                                                                "into the instructlab-training adapter; use backend='native'"),
+    "checkpoint_storage": (lambda v, c: v in (None, "", "pvc"), f"mirroring checkpoints to a storage URL is not "
+                                                                f"wired into the {NAME} adapter; use backend='native'"),
     "keep_last_n_checkpoints": (lambda v, c: v in (None, 1),
                                 "instructlab-training keeps every checkpoint or only the last one (1)"),
     "strategy": (lambda v, c: v in ("auto", "fsdp2"), "instructlab-training shards the model with FSDP (strategy='fsdp2')"),

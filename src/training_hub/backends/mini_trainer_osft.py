@@ -24,7 +24,7 @@ How our parameters map (``TrainingArgs`` field in brackets):
   ``dtype='bfloat16'`` (mini-trainer's bfloat16 mode keeps the weights themselves in bfloat16, with no float32
   master copy), ``strategy='ddp'`` (it always shards with FSDP2), ``resume``, ``keep_last_n_checkpoints``,
   ``freeze_non_targets``, ``gradient_checkpointing``, ``lr_scheduler_kwargs`` other than ``min_lr_ratio`` with
-  cosine.
+  cosine, ``enable_jit_checkpoint`` and a ``checkpoint_storage`` URL (the native backend's).
 * Other ``TrainingArgs`` fields (e.g. ``osft_upcast_dtype``, ``save_dtype``, ``training_mode``) are engine
   options: accepted with this backend only, passed through as given (see ``passthrough_params``).
 """
@@ -58,10 +58,10 @@ RULES: Rules = {
     "strategy": (lambda v, c: v in ("auto", "fsdp2"), "mini-trainer always shards the model with FSDP2"),
     "fsdp_options": (lambda v, c: not fsdp_cpu_offload(v), "mini-trainer has no CPU offload setting"),
     "resume": (lambda v, c: not v, "resuming a run is not wired into the mini-trainer adapter"),
-    "enable_jit_checkpoint": (lambda v, c: not v, "a restarted run resuming by itself is not wired into the mini-trainer "
+    "enable_jit_checkpoint": (lambda v, c: not v, f"a restarted run resuming by itself is not wired into the {NAME} "
                                                   "adapter; backend='native' saves on SIGTERM and resumes"),
-    "checkpoint_storage": (lambda v, c: v in (None, "", "pvc"), "mirroring checkpoints to a storage URL is not wired "
-                                                                "into the mini-trainer adapter; use backend='native'"),
+    "checkpoint_storage": (lambda v, c: v in (None, "", "pvc"), f"mirroring checkpoints to a storage URL is not "
+                                                                f"wired into the {NAME} adapter; use backend='native'"),
     "keep_last_n_checkpoints": (lambda v, c: v is None, "mini-trainer keeps every checkpoint"),
     "freeze_non_targets": (lambda v, c: not v, "mini-trainer trains every non-target parameter"),
     "gradient_checkpointing": (lambda v, c: not v, "mini-trainer has no activation recomputation option"),
