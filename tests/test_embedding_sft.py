@@ -207,6 +207,26 @@ def test_triplet_training_separates_held_out_labels(tmp_path, tiny_encoder, one_
 
 
 @pytest.mark.slow
+def test_a_loss_fn_built_on_the_callers_model_trains_the_saved_model(tmp_path, tiny_encoder, one_thread):
+    import torch
+    from sentence_transformers import SentenceTransformer
+
+    from training_hub.backends.sentence_transformers import _st_module
+
+    losses = _st_module("sentence_transformers.sentence_transformer.losses", "sentence_transformers.losses")
+    loss = losses.MatryoshkaLoss(SentenceTransformer(str(tiny_encoder)),  # nested: the inner loss holds it too
+                                 losses.BatchSemiHardTripletLoss(SentenceTransformer(str(tiny_encoder))), [64, 32])
+    train = _jsonl(tmp_path / "train.jsonl", [{**r, "source": "synthetic"} for r in labelled_texts(4, seed=5)])
+    out = tmp_path / "out"
+    result = embedding_sft(str(tiny_encoder), train, str(out), loss_fn=loss, num_epochs=1, batch_size=16,
+                           learning_rate=1e-2, warmup_ratio=0.0, disable_progress_bar=True)
+    assert result["loss"] == "custom (MatryoshkaLoss)" and result["num_samples"] == 16
+    before = SentenceTransformer(str(tiny_encoder)).encode(["a refund"], convert_to_tensor=True)
+    after = SentenceTransformer(str(out)).encode(["a refund"], convert_to_tensor=True)
+    assert not torch.allclose(before, after, atol=1e-4)
+
+
+@pytest.mark.slow
 def test_mnrl_from_a_plain_decoder_directory(tmp_path, one_thread):
     decoder = make_tiny_model(tmp_path / "qwen", hidden_size=32, num_layers=1)
     csv = tmp_path / "train.csv"  # class names, numbered in sorted order

@@ -140,9 +140,26 @@ def _load_model(model_path: str):
     return model
 
 
+def _rebind(loss, model) -> None:
+    """A loss module built on the caller's own copy of the model would train that copy, not the model loaded here
+    and saved: every such copy inside it (any attribute name, nested losses too) is replaced by ``model``."""
+    modules = getattr(loss, "modules", None)
+    if modules is None:
+        return
+    for module in list(modules()):
+        for name, child in list(module.named_children()):
+            if isinstance(child, type(model)) and child is not model:
+                logger.warning("embedding_sft: loss_fn holds another %s (%s.%s); it now trains the model loaded "
+                               "from model_path", type(model).__name__, type(module).__name__, name)
+                setattr(module, name, model)
+
+
 def _loss(config: EmbeddingSFTConfig, model):
+    """The loss on ``model``: loss_type's, or loss_fn (a loss module, or a callable the trainer gives the model)."""
     if config.custom_loss:
-        return config.loss_fn
+        loss = config.loss_fn
+        _rebind(loss, model)
+        return loss
     losses = _st_module("sentence_transformers.sentence_transformer.losses", "sentence_transformers.losses")
     return getattr(losses, LOSS_REGISTRY[config.loss_type])(model)
 
