@@ -255,6 +255,12 @@ class SentenceTransformersBackend(BuiltinBackend):
     def config_class(cls) -> type:
         return EmbeddingSFTConfig
 
+    def train_config(self, config: Any, given: set[str], options: Dict[str, Any] | None = None) -> Any:
+        if (Path(str(config.model_path)).expanduser() / "modules.json").is_file():
+            # a sentence-transformers folder (its transformer may sit in a subfolder): it checks its own modules
+            return self.run(config, given, options or {})
+        return super().train_config(config, given, options)
+
     def run(self, config: EmbeddingSFTConfig, given: set[str], options: Dict[str, Any]) -> Any:
         train, evaluation, held_out = _datasets(config)  # DataValidationError before the model loads
         if not config.custom_loss and config.loss_type in TRIPLET_LOSSES and config.sampler != "group_by_label":
@@ -274,7 +280,8 @@ class SentenceTransformersBackend(BuiltinBackend):
                                       train_dataset=train, eval_dataset=evaluation, loss=_loss(config, model))
         takes = inspect.signature(SentenceTransformerTrainer).parameters
         callback = bridge = None
-        if "callbacks" in takes:  # a transformers Trainer: the trl backend's metrics.jsonl writer and hook bridge
+        if "callbacks" in takes:  # the trl backend's metrics.jsonl writer and hook bridge (a stand-in trainer, as
+            # in upstream's tests, may take neither callbacks nor an evaluator)
             from training_hub.backends.trl import _metrics_callback
             from training_hub.backends.trl_bridge import hub_bridge
 
