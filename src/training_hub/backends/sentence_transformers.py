@@ -1,4 +1,4 @@
-"""The ``sentence-transformers`` backend of ``embedding_sft``: contrastive fine-tuning on ``SentenceTransformerTrainer``.
+"""The ``sentence-transformers`` backend of ``embedding_sft``: contrastive fine-tuning, ``SentenceTransformerTrainer``.
 
 sentence-transformers owns the embedding model (transformer + pooling), the contrastive losses and the batch
 samplers; this module turns our declared parameters into its trainer and reports the run as every backend does:

@@ -30,8 +30,9 @@ class EmbeddingParams(DeclaredConfig):
 
     model_path: str = param(doc="Sentence-transformers model, or a plain Hugging Face encoder or decoder (mean "
                                 "pooling is added): a directory or a hub id in the local cache.")
-    data_path: str = param(doc="Labelled texts: a .jsonl/.json/.csv/.parquet file, a directory of them, or a saved "
-                               "`datasets` dataset; each record has a text and an integer (or class-name) label.")
+    data_path: str = param(doc="Labelled texts: a .jsonl/.json/.csv/.parquet file, a directory of .jsonl/.json/"
+                               ".parquet files, or a saved `datasets` dataset; each record has a text and an integer "
+                               "(or class-name) label.")
     ckpt_output_dir: str = param(doc="Where the fine-tuned model is saved (SentenceTransformer(ckpt_output_dir) "
                                      "loads it), with metrics.jsonl.")
     loss_type: str = param("batch_all_triplet", "Contrastive loss: batch_all_triplet, batch_hard_triplet, or mnrl "
