@@ -129,6 +129,9 @@ def test_csv_row_with_extra_cells_is_a_problem(tmp_path):
     csv.write_text("text,label\na,0\nb,1,extra\n")
     with pytest.raises(DataValidationError, match=r"d.csv:3: line: 1 more cell"):
         read_labelled(str(csv))
+    csv.write_text("text,label\n")
+    with pytest.raises(DataValidationError, match=r"d.csv: file: holds no records"):
+        read_labelled(str(csv))
 
 
 def test_triplet_loss_needs_two_examples_per_label(tmp_path):

@@ -175,6 +175,8 @@ def read_labelled(data_path: str, text_column: str = "text", label_column: str =
             data.where.append((path, line))
         if collector.full:
             break
+    if not data.rows and not collector.problems:
+        collector.add(DataProblem(str(data_path), None, "file", "holds no records", "at least one record"))
     if require_label and not collector.problems:
         _number_labels(data, label_column, collector)
     collector.raise_if_any()
