@@ -35,9 +35,9 @@ def test_chat_data_given_to_dpo_says_so_once(tiny_model_dir, tmp_path):
     data.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"q{i}"},
                                                      {"role": "assistant", "content": "a"}]}) + "\n"
                             for i in range(5)))
-    with pytest.raises(ValueError, match="this is a chat \\(SFT\\) record; preference training needs pairs") as info:
+    with pytest.raises(ValueError, match="this file holds chat data .* for chat data use sft\\(\\)") as info:
         dpo(str(tiny_model_dir), str(data), str(tmp_path / "out"))
-    assert "missing \"prompt\"" not in str(info.value)
+    assert "missing \"prompt\"" not in str(info.value) and str(info.value).count("chat.jsonl:") == 1
 
 
 def test_pairs_that_are_all_identical_are_refused(tiny_model_dir, tmp_path):
