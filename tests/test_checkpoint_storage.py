@@ -119,6 +119,28 @@ def test_a_stopped_run_is_mirrored_and_a_fresh_machine_resumes_from_the_bucket(t
     assert Path(second.checkpoint_path).name == "samples_48"
 
 
+@pytest.mark.slow
+def test_a_failed_upload_fails_the_run_after_training_and_leaves_the_local_run_whole(tiny_model_dir, chat_data,
+                                                                                    tmp_path, url, monkeypatch):
+    import training_hub.storage as uploads
+
+    real_put = uploads._put
+
+    def put(fs, local, remote, *args):
+        if local.name == "optimizer.pt":
+            raise OSError("bucket quota exceeded")
+        real_put(fs, local, remote, *args)
+
+    monkeypatch.setattr(uploads, "_put", put)
+    with pytest.raises(storage.CheckpointStorageError, match=r"1 upload\(s\).*state/step_000000002: OSError: bucket "
+                                                             r"quota exceeded.*local checkpoints in .* are complete"):
+        sft(str(tiny_model_dir), str(chat_data), str(tmp_path / "a"), checkpoint_storage=url,
+            **dict(COMMON, max_steps=2, save_samples=None))
+    assert (tmp_path / "a" / "state" / "step_000000002" / "trainer_state.json").is_file()
+    assert remote(url, "state") == {"step_000000002": False}  # what arrived has no marker: never restored
+    assert remote(url, "hf_format") == {"samples_16": True}
+
+
 KILLED_RUN = """
 import sys, time
 from pathlib import Path
@@ -127,11 +149,11 @@ from training_hub import storage
 
 real_put, flag = storage._put, Path(sys.argv[4])
 
-def put(fs, local, remote):  # the upload of the second state stalls half-way: the test kills us then
+def put(fs, local, remote, *args):  # the upload of the second state stalls half-way: the test kills us then
     if remote.startswith("state/") and not remote.startswith("state/step_000000002/") and local.name == "optimizer.pt":
         flag.write_text(remote)
         time.sleep(600)
-    real_put(fs, local, remote)
+    real_put(fs, local, remote, *args)
 
 storage._put = put
 sft(sys.argv[1], sys.argv[2], sys.argv[3], checkpoint_storage=sys.argv[5], **{COMMON!r})
@@ -151,14 +173,16 @@ def test_a_kill_during_an_upload_leaves_an_unmarked_state_that_resume_skips(tiny
         while not flag.exists() and child.poll() is None and time.monotonic() < deadline:
             time.sleep(0.2)
         assert flag.exists(), child.stderr.read().decode()[-3000:] if child.poll() is not None else "timed out"
-        time.sleep(1.0)  # the state's other files arrive meanwhile
+        fs, stalled = storage.filesystem(url), flag.read_text().rsplit("/", 1)[0]
+        while not fs.exists(f"{stalled}/model.pt") and time.monotonic() < deadline:  # the state's other files
+            time.sleep(0.2)
+            fs.invalidate_cache()
     finally:
         child.kill()  # SIGKILL: nothing of the process runs after this
         child.wait()
-    stalled = flag.read_text().split("/")[1]
     states = remote(url, "state")
-    assert states["step_000000002"] is True and states[stalled] is False  # part of it is there, no marker
-    assert storage.filesystem(url).exists(f"state/{stalled}/model.pt")
+    assert states["step_000000002"] is True and states[stalled.split("/")[1]] is False  # partly there, no marker
+    assert fs.exists(f"{stalled}/model.pt")
 
     with caplog.at_level(logging.INFO, logger="training_hub"):
         second = sft(str(tiny_model_dir), str(chat_data), str(tmp_path / "b"), checkpoint_storage=url, **COMMON)
@@ -246,7 +270,7 @@ def test_remote_sync_callback_mirrors_each_saved_checkpoint(tmp_path, url, monke
     fs = storage.filesystem(url)
     assert fs.cat_file("checkpoint-10/model.safetensors") == b"w" * 10
     assert all(fs.exists(f"checkpoint-{step}/{storage.COMPLETE_MARKER}") for step in (5, 10))  # each one
-    assert not (tmp_path / storage.STAGING_DIR).exists()
+    assert not any((tmp_path / storage.STAGING_DIR).rglob("*"))  # the staged copies are gone
 
 
 def test_find_latest_valid_checkpoint_knows_the_native_layout(tmp_path):

@@ -9,9 +9,9 @@ custom backends that call the hooks and honour ``ctx.control`` (:class:`training
   handler only records the signal (logging from a handler can deadlock); the notice is logged from the hook.
   Under several processes a signal seen by any rank stops them all at the same step.
 * :class:`RemoteCheckpointSyncCallback`: every saved checkpoint is mirrored to a storage URL (the constructor's,
-  else ``TRAINING_HUB_CHECKPOINT_UPLOAD_URI``) by :class:`training_hub.storage.Mirror`: in the background, each
-  directory closed by an ``.upload_complete`` marker; ``on_train_end`` waits for the uploads. A failed upload
-  stops training at the next save.
+  else ``TRAINING_HUB_CHECKPOINT_UPLOAD_URI``) by :mod:`training_hub.checkpoint_manager`: in the background,
+  newest first, each directory closed by an ``.upload_complete`` marker; ``on_train_end`` waits for the uploads.
+  A failed upload stops training at the next save; ``checkpoint_manager.raise_pending_upload_error`` raises it.
 * :func:`merge_default_callbacks`: the two, as enabled, ahead of the caller's own callbacks.
 
 The native engine handles SIGTERM itself while it trains (it saves the training state and stops), so there the
@@ -23,13 +23,14 @@ from __future__ import annotations
 import logging
 import os
 import signal
-import sys
 import threading
 from pathlib import Path
 from typing import Any
 
 from training_hub.callbacks import TrainingHubCallback
-from training_hub.checkpoint_utils import UPLOAD_URI_ENV, mark_checkpoint_complete, mark_checkpoint_incomplete
+from training_hub.checkpoint_utils import (
+    apply_checkpoint_storage_env, mark_checkpoint_complete, mark_checkpoint_incomplete,
+)
 
 logger = logging.getLogger("training_hub.jit_checkpoint")
 
@@ -71,30 +72,18 @@ def restore_preemption_handler() -> None:
     _previous_handler = _NOT_SET
 
 
-def _distributed():
-    """torch.distributed when a process group is up (never imports torch itself), else None."""
-    dist = sys.modules.get("torch.distributed")
-    return dist if dist is not None and dist.is_available() and dist.is_initialized() else None
-
-
 def any_rank(flag: bool) -> bool:
-    """``flag`` or-ed over every rank (a collective: every rank must call it); the flag itself in one process."""
-    dist = _distributed()
-    if dist is None:
-        return bool(flag)
-    import torch
+    """``flag`` or-ed over every rank (``checkpoint_manager.any_rank``)."""
+    from training_hub import checkpoint_manager
 
-    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
-    value = torch.tensor([int(bool(flag))], device=device)
-    dist.all_reduce(value, op=dist.ReduceOp.MAX)
-    return bool(value.item())
+    return checkpoint_manager.any_rank(flag)
 
 
 def wait_for_all_ranks() -> None:
-    """A barrier when a process group is up; nothing otherwise."""
-    dist = _distributed()
-    if dist is not None:
-        dist.barrier()
+    """A barrier when a process group is up (``checkpoint_manager.wait_for_all_ranks``)."""
+    from training_hub import checkpoint_manager
+
+    checkpoint_manager.wait_for_all_ranks()
 
 
 class JITCheckpointCallback(TrainingHubCallback):
@@ -155,44 +144,36 @@ def _checkpoint_of(context: Any) -> Path | None:
 
 class RemoteCheckpointSyncCallback(TrainingHubCallback):
     """Mirror every saved checkpoint to ``url`` (default: ``$TRAINING_HUB_CHECKPOINT_UPLOAD_URI``), keeping its
-    path relative to the output directory."""
+    path relative to the output directory (``checkpoint_manager.enqueue_checkpoint_upload``)."""
 
     run_on_all_ranks = True
 
     def __init__(self, url: str | None = None):
         self.url = url
-        self.mirrors: dict[Path, Any] = {}
 
-    def _mirror(self, root: Path):
-        from training_hub.storage import Mirror, storage_url
-
-        url = storage_url(self.url or os.environ.get(UPLOAD_URI_ENV))
-        if url is None:
-            return None
-        if root not in self.mirrors:
-            self.mirrors[root] = Mirror(url, root, prune=False, supersede=False)  # every checkpoint, none deleted
-        return self.mirrors[root]
+    def on_train_begin(self, context: Any) -> None:
+        if self.url:
+            apply_checkpoint_storage_env(self.url)
 
     def on_save(self, context: Any) -> None:
-        wait_for_all_ranks()
-        if any_rank(any(m.errors for m in self.mirrors.values())):  # agreed, so every rank stops at the same step
+        from training_hub import checkpoint_manager
+
+        wait_for_all_ranks()  # every rank has written its part
+        if any_rank(checkpoint_manager.has_pending_upload_error()):  # agreed: every rank stops at the same step
             logger.error("a checkpoint upload failed; stopping training (the local checkpoints are complete)")
             if getattr(context, "control", None) is not None:
                 context.control.should_training_stop = True
             return
         path = _checkpoint_of(context) if context.is_main_process else None
         if path is not None:
-            output_dir = Path(context.output_dir) if context.output_dir else path.parent
-            root = output_dir.resolve() if output_dir.resolve() in path.resolve().parents else path.parent.resolve()
-            mirror = self._mirror(root)
-            if mirror is not None:
-                mirror.add(path.resolve())
+            if self.url:
+                apply_checkpoint_storage_env(self.url)
+            checkpoint_manager.enqueue_checkpoint_upload(path, base_dir=context.output_dir or None)
 
     def on_train_end(self, context: Any) -> None:
-        mirrors, self.mirrors = self.mirrors, {}
-        for mirror in mirrors.values():
-            for error in mirror.finish():
-                logger.error("checkpoint upload to %s failed: %s", mirror.url, error)
+        from training_hub import checkpoint_manager
+
+        checkpoint_manager.shutdown_upload_worker()
 
 
 def merge_default_callbacks(user_callbacks: Any = None, *, enable_jit_checkpoint: bool = False,
@@ -212,3 +193,27 @@ def merge_default_callbacks(user_callbacks: Any = None, *, enable_jit_checkpoint
         if storage_url(checkpoint_storage):
             defaults.append(RemoteCheckpointSyncCallback(storage_url(checkpoint_storage)))
     return [*defaults, *users]
+
+
+def prepare_backend_params(algorithm: str, params: dict) -> dict:
+    """What upstream's algorithms do with these settings before a third-party backend gets the call's ``params``
+    (built-in backends handle them themselves): the storage URL goes to ``TRAINING_HUB_CHECKPOINT_UPLOAD_URI``
+    (an earlier one is removed) and is checked (written, read, deleted) now; ``enable_jit_checkpoint`` becomes the
+    engines' ``on_demand_checkpointing=True`` for sft and osft, and the callbacks of
+    :func:`merge_default_callbacks` (ahead of the caller's) for the others."""
+    from training_hub.storage import check_access, storage_url
+
+    chosen = params.get("checkpoint_storage")
+    apply_checkpoint_storage_env(chosen)
+    if storage_url(chosen):
+        check_access(storage_url(chosen))
+    jit = bool(params.get("enable_jit_checkpoint"))
+    if algorithm in ("sft", "osft"):
+        if jit:
+            params["on_demand_checkpointing"] = True
+    else:
+        callbacks = merge_default_callbacks(params.get("callbacks"), enable_jit_checkpoint=jit, backend=algorithm,
+                                            ckpt_output_dir=params.get("ckpt_output_dir"), checkpoint_storage=chosen)
+        if callbacks:
+            params["callbacks"] = callbacks
+    return params

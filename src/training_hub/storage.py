@@ -35,7 +35,7 @@ CHECKPOINTS_DIR = "hf_format"  # the directory of Hugging Face checkpoints (engi
 METRICS_FILE = "metrics.jsonl"  # goes along with every mirrored training state
 
 COMPLETE_MARKER = ".upload_complete"
-STAGING_DIR = ".upload-staging"
+STAGING_DIR = ".upload_staging"
 ATTEMPTS = 3
 PARALLEL_FILES = 4
 
@@ -56,6 +56,10 @@ class CheckpointStorageError(RuntimeError):
     """A mirror upload failed (the local checkpoints are intact), or the storage cannot be reached."""
 
 
+class StorageProtocolError(CheckpointStorageError, ImportError):
+    """fsspec has no implementation of the URL's protocol here (a package is missing, e.g. s3fs for s3://)."""
+
+
 def filesystem(url: str):
     """An fsspec filesystem rooted at ``url`` (every path below is relative to it)."""
     import fsspec
@@ -69,8 +73,8 @@ def filesystem(url: str):
         inner = fsspec.filesystem(protocol, **options)
     except (ImportError, ValueError) as exc:
         hint = " (pip install 'training-hub[storage]' for s3://)" if protocol in ("s3", "s3a") else ""
-        raise CheckpointStorageError(f"checkpoint_storage={url!r}: fsspec cannot open the '{protocol}' protocol "
-                                     f"({exc}){hint}") from None
+        raise StorageProtocolError(f"checkpoint_storage={url!r}: fsspec has no usable '{protocol}' backend here "
+                                   f"({exc}){hint}") from None
     return fsspec.filesystem("dir", path=path, fs=inner)
 
 
@@ -85,7 +89,8 @@ def check_access(url: str):
         fs.rm_file(probe)
     except Exception as exc:
         raise CheckpointStorageError(
-            f"checkpoint_storage={url!r} is not usable ({type(exc).__name__}: {exc}). Check the bucket, the "
+            f"checkpoint_storage={url!r} is not usable: not writable or not readable ({type(exc).__name__}: {exc}). "
+            "Check the bucket, the "
             "credentials and, for an S3-compatible server, AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL.") from None
     return fs
 
@@ -136,43 +141,51 @@ def _remove_remote(fs, prefix: str) -> None:
 
 # ------------------------------------------------------------------------------------------------ upload
 
-def _put(fs, local: Path, remote: str) -> None:
-    for attempt in range(1, ATTEMPTS + 1):
+def _put(fs, local: Path, remote: str, attempts: int = ATTEMPTS) -> None:
+    for attempt in range(1, attempts + 1):
         try:
             fs.put_file(str(local), remote)
             return
         except Exception:
-            if attempt == ATTEMPTS:
+            if attempt == attempts:
                 raise
             time.sleep(attempt)
 
 
-def upload_directory(fs, local: Path, prefix: str) -> None:
-    """Copy ``local`` to ``prefix`` file by file, then write the marker listing each file and its size."""
-    files = sorted(p for p in local.rglob("*") if p.is_file())
-    sizes = {p.relative_to(local).as_posix(): p.stat().st_size for p in files}
+def marker_of(local: Path) -> bytes:
+    """The marker of directory ``local``: each file with its size, and the newest modification time (so a
+    directory written again, even to the same sizes, reads as changed)."""
+    files = sorted(p for p in Path(local).rglob("*") if p.is_file())
+    record = {"files": {p.relative_to(local).as_posix(): p.stat().st_size for p in files},
+              "newest_mtime_ns": max((p.stat().st_mtime_ns for p in files), default=0)}
+    return json.dumps(record, sort_keys=True).encode()
+
+
+def upload_directory(fs, local: Path, prefix: str, attempts: int = ATTEMPTS) -> None:
+    """Copy ``local`` to ``prefix`` file by file (each tried ``attempts`` times), then write the marker."""
+    marker = marker_of(local)
+    files = sorted(p for p in Path(local).rglob("*") if p.is_file())
     with ThreadPoolExecutor(max_workers=PARALLEL_FILES) as pool:
-        futures = [pool.submit(_put, fs, p, f"{prefix}/{p.relative_to(local).as_posix()}") for p in files]
+        futures = [pool.submit(_put, fs, p, f"{prefix}/{p.relative_to(local).as_posix()}", attempts) for p in files]
         errors = [f.exception() for f in futures]  # wait for every file before deciding
     first = next((e for e in errors if e is not None), None)
     if first is not None:
         raise first
-    fs.pipe_file(f"{prefix}/{COMPLETE_MARKER}", json.dumps({"files": sizes}, sort_keys=True).encode())
+    fs.pipe_file(f"{prefix}/{COMPLETE_MARKER}", marker)
 
 
 class Mirror:
     """The background uploader of one run (the main process only). :meth:`add` stages a finished directory under
     ``root`` and queues it; :meth:`finish` waits for the queue and returns the failures.
 
-    A directory is uploaded to its path relative to ``root``. With ``supersede``, an upload is skipped when a newer
-    directory of the same parent (``state``, ...) is queued behind it (for ``hf_format``: the same name again).
-    With ``prune``, once one is complete, older ones of its parent are deleted remotely: every older state, the
-    unfinished older checkpoints, and all but the newest ``keep_checkpoints`` checkpoints.
+    A directory is uploaded to its path relative to ``root``. An upload is skipped when a newer directory of the
+    same parent (``state``, ...) is queued behind it (for ``hf_format``: the same name again). Once one is
+    complete, older ones of its parent are deleted remotely: every older state, the unfinished older checkpoints,
+    and all but the newest ``keep_checkpoints`` checkpoints.
     """
 
-    def __init__(self, url: str, root: Path, keep_checkpoints: int | None = None, fs=None, prune: bool = True,
-                 supersede: bool = True):
-        self.url, self.root, self.keep, self.prune, self.supersede = url, Path(root), keep_checkpoints, prune, supersede
+    def __init__(self, url: str, root: Path, keep_checkpoints: int | None = None, fs=None):
+        self.url, self.root, self.keep = url, Path(root), keep_checkpoints
         self.fs = fs if fs is not None else filesystem(url)
         self.errors: list[str] = []
         self.queue: queue.Queue = queue.Queue()
@@ -181,7 +194,7 @@ class Mirror:
 
     def add(self, local: Path) -> None:
         """Queue ``local`` (a complete ``hf_format/...`` or ``state/...`` directory) for upload, from a hard-linked
-        copy under ``.upload-staging`` (a real copy where links are not possible)."""
+        copy under ``.upload_staging`` (a real copy where links are not possible)."""
         relative = Path(local).relative_to(self.root).as_posix()
         staged = self.root / STAGING_DIR / uuid.uuid4().hex / relative  # its own copy: the same name may come again
         staged.parent.mkdir(parents=True, exist_ok=True)
@@ -211,13 +224,13 @@ class Mirror:
         kind, _, name = relative.rpartition("/")
         later = self._queued(kind)
         newer = [q for q in later if (_number(q) or -1) > (_number(name) if _number(name) is not None else 1 << 62)]
-        if self.supersede and (name in later or (kind != CHECKPOINTS_DIR and newer)):
+        if name in later or (kind != CHECKPOINTS_DIR and newer):
             logger.info("checkpoint_storage: %s skipped, a newer copy is queued", relative)
             return
         upload_directory(self.fs, staged, relative)
         if kind != CHECKPOINTS_DIR:  # a state: the records up to it go along
             self._put_metrics()
-        if self.prune and kind and _number(name) is not None:
+        if kind and _number(name) is not None:
             self._prune(kind, name)
         logger.info("checkpoint_storage: mirrored %s to %s", relative, self.url)
 

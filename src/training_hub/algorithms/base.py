@@ -78,7 +78,9 @@ class DeclaredAlgorithm(Algorithm):
         warn_ignored(call.config, call.names, backend_cls, stacklevel=5)
         if isinstance(self.backend, BuiltinBackend):
             return self.backend.train_config(call.config, set(call.names), call.options)
-        return self.backend.execute_training(call.plain())
+        from training_hub.jit_checkpoint import prepare_backend_params
+
+        return self.backend.execute_training(prepare_backend_params(self.name, call.plain()))
 
     def validate(self, params: Dict[str, Any]) -> Any:
         """The typed config for ``params``, or a ``ParameterError`` (a ``ValueError``) listing every problem."""
