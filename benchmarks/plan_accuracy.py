@@ -3,7 +3,7 @@
     nice -n 19 python benchmarks/plan_accuracy.py            # 8 configurations, two model sizes (a few minutes)
     nice -n 19 python benchmarks/plan_accuracy.py --quick    # 4 configurations, tiny model only
 
-For each configuration (sft, osft, lora_sft, dpo; a 0.19M- and a 3.4M-parameter Qwen2 built offline by
+For each configuration (sft, osft, lora_sft, dpo; a 0.19M- and a 4.2M-parameter Qwen2 built offline by
 ``make_tiny_model``; with and without activation checkpointing) it calls ``plan(algo, **params)`` (calibrated:
 a few of the run's own steps timed here), then ``algo(**params)``, and compares:
 

@@ -450,11 +450,11 @@ def cmd_plan(argv: Sequence[str]) -> int:
         return 0 if argv and argv[0] in ("-h", "--help") else 2
     name = argv[0].replace("-", "_")
     known, rest = options.parse_known_args(_normalise_flags(argv[1:]))
-    params, _backend = _algorithm_call(name, rest, prog=f"training-hub plan {name}")  # the plan is the native run's
+    params, backend = _algorithm_call(name, rest, prog=f"training-hub plan {name}")
     from training_hub.planning import plan
 
     result = plan(name, gpu=known.gpu, utilization=known.utilization, gpu_memory=known.gpu_memory,
-                  calibrate=known.calibrate, **params)
+                  calibrate=known.calibrate, backend=backend, **params)
     print(json.dumps(result.to_dict(), indent=2, default=str) if known.json else result)
     return 0
 

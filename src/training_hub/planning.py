@@ -34,7 +34,7 @@ def _algorithm(name: str) -> str:
 
 
 def plan(algorithm: str, *, gpu: str | None = None, utilization: float | None = None, gpu_memory: int | None = None,
-         calibrate: bool = True, **params: Any):
+         calibrate: bool = True, backend: str | None = None, **params: Any):
     """Plan the run that ``training_hub.<algorithm>(**params)`` would perform, without performing it.
 
     Validates ``params`` as the algorithm does, reads and tokenizes the data as the run will (nothing is written
@@ -44,7 +44,8 @@ def plan(algorithm: str, *, gpu: str | None = None, utilization: float | None = 
     few of the run's steps on this machine (``calibrate``), or for ``gpu`` (e.g. "H100") from its peak bf16 FLOP/s
     at ``utilization`` (default 0.35). ``gpu_memory`` (bytes per device; default: the CUDA device's free memory)
     adds whether the run fits, and if not, what would make it fit. ``print(plan)`` shows the table;
-    ``plan.to_dict()`` is the JSON of ``training-hub plan --json``.
+    ``plan.to_dict()`` is the JSON of ``training-hub plan --json``. The plan is the native engine's run; with
+    another ``backend`` it says so in ``plan.notes``.
     """
     from training_hub.algorithms.base import prepare_call
     from training_hub.backends.common import check_model
@@ -55,7 +56,11 @@ def plan(algorithm: str, *, gpu: str | None = None, utilization: float | None = 
     check_model(config, name)
     if utilization is not None and not 0 < utilization <= 1:
         raise ValueError(f"utilization={utilization!r}: a share of the GPU's peak FLOP/s, 0 < utilization <= 1")
-    return plan_run(config, name, calibrate=calibrate, gpu=gpu, utilization=utilization, gpu_memory=gpu_memory)
+    planned = plan_run(config, name, calibrate=calibrate, gpu=gpu, utilization=utilization, gpu_memory=gpu_memory)
+    if backend not in (None, "native"):
+        planned.notes.append(f"this is the plan of the native engine's run; backend={backend!r} batches, stores and "
+                             "times its run its own way")
+    return planned
 
 
 # ------------------------------------------------------------------------------------------------ upstream's API

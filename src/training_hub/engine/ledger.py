@@ -85,7 +85,7 @@ class SavedTensorMeter:
         self._current = {}
 
     def _add(self, tensor: Any) -> None:
-        if torch.is_tensor(tensor):
+        if torch.is_tensor(tensor) and not isinstance(tensor, torch.nn.Parameter):  # FSDP2's gathered weights too
             key, size = storage_key(tensor)
             if key not in self._exclude:
                 self._current[key] = size

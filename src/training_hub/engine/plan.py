@@ -37,7 +37,9 @@ GPU_PEAK_FLOPS = {
     "B200": 2250e12, "MI300X": 1307e12,
 }
 DEFAULT_UTILIZATION = 0.35  # share of peak FLOP/s a packed fine-tuning run sustains (MFU)
-CALIBRATION_STEPS = 6
+CALIBRATION_STEPS = 4  # steps timed at least
+CALIBRATION_MAX_STEPS = 24
+CALIBRATION_SECONDS = 3.0  # more steps while they take less
 TIME_SPREAD = 1.5  # time_seconds low/high: expected / 1.5, expected * 1.5
 STRATEGIES = ("single", "ddp", "fsdp2")
 
@@ -266,13 +268,15 @@ def state_bytes(model) -> dict:
 
 def per_device(states: dict, activations: int, strategy: str, world: int) -> dict:
     """The ledger of one device: FSDP2 shards parameters, gradients and optimizer state over the ranks; DDP keeps
-    full copies plus its gradient buckets (another gradient-sized buffer)."""
+    full copies (its gradient buckets, another gradient-sized buffer, are in the ``high`` bound)."""
     share = world if strategy == "fsdp2" else 1
     out = {k: math.ceil(states[k] / share) for k in ("parameters", "gradients", "optimizer")}
-    if strategy == "ddp" and world > 1:
-        out["gradients"] *= 2
     out["activations"] = activations
     return out
+
+
+def ddp_buckets(ledger: dict, strategy: str, world: int) -> int:
+    return ledger["gradients"] if strategy == "ddp" and world > 1 else 0
 
 
 def with_bounds(ledger: dict, transient: int) -> dict:
@@ -305,14 +309,16 @@ def predict_memory(config: Any, make_method: Callable[[], Any], rows: list[dict]
         states, activations = state_bytes(model), traced_activations(model, mode, rows, compute)
         logits = loss_buffer(model, rows, compute)
         layers = max(1, getattr(model.config.get_text_config(), "num_hidden_layers", 1))
-        if not ckpt or not both:  # one layer's share, recomputed at once in the backward pass
-            one_layer = activations // layers if not ckpt else one_layer
+        if not ckpt:  # one layer's share: what checkpointing recomputes at once in the backward pass
+            one_layer = activations // layers
         transient = 2 * logits + (one_layer if ckpt else 0)
         key = "with_checkpointing" if ckpt else "without_checkpointing"
-        table[key] = {s: with_bounds(per_device(states, activations, s, world), transient)["total"]
-                      for s in STRATEGIES if s == "single" or world > 1}
+        ledgers = {s: per_device(states, activations, s, world) for s in STRATEGIES if s == "single" or world > 1}
+        table[key] = {s: with_bounds(ledger, transient + ddp_buckets(ledger, s, world))["total"]
+                      for s, ledger in ledgers.items()}
         if ckpt == checkpointing:
-            own = {**with_bounds(per_device(states, activations, strategy, world), transient), "logits": logits}
+            ledger = per_device(states, activations, strategy, world)
+            own = {**with_bounds(ledger, transient + ddp_buckets(ledger, strategy, world)), "logits": logits}
         del model
     return own, table
 
@@ -360,22 +366,26 @@ def calibration_recipe(config: Any, algorithm: str, data: RunData, steps: list[S
 
 def calibrated_seconds(config: Any, algorithm: str, data: RunData, steps: list[Step], saves: int,
                        validations: int) -> tuple[float, str]:
-    """Seconds of the run's training loop (what its ``elapsed_seconds`` counts), from timing its first steps here:
-    the first step as measured, the others at the median rate per token of the next ones (a median: one step
-    slowed by another process does not set the figure), plus its saves and validations."""
-    import statistics
-
+    """Seconds of the run's training loop (what its ``elapsed_seconds`` counts), from timing its first steps here
+    (at least ``CALIBRATION_STEPS``, more while they take under ``CALIBRATION_SECONDS``): the first step as measured,
+    the others at the rate per token of the next ones (the slowest left out: one step slowed by another process
+    does not set the figure), plus its saves and validations."""
     from training_hub.engine.run import Progress
 
-    sample = steps[:CALIBRATION_STEPS]
+    sample = steps[:CALIBRATION_MAX_STEPS]
     with tempfile.TemporaryDirectory(prefix="training_hub_plan_") as tmp:
         recipe, timed = calibration_recipe(config, algorithm, data, sample, len(steps), Path(tmp))
-        seconds = [_timed(lambda s=s: recipe.train_step(s, lambda: False)) for s in timed]
-        save = statistics.median(_timed(lambda: (recipe.save_checkpoint(sample[0].num_samples),
-                                                 recipe.save_state(Progress().state(0.0)))) for _ in range(2)) \
-            if saves else 0.0
+        seconds: list[float] = []
+        for step in timed:
+            if len(seconds) >= CALIBRATION_STEPS and sum(seconds) > CALIBRATION_SECONDS:
+                break
+            seconds.append(_timed(lambda: recipe.train_step(step, lambda: False)))
+        save = min(_timed(lambda: (recipe.save_checkpoint(sample[0].num_samples),
+                                   recipe.save_state(Progress().state(0.0)))) for _ in range(2)) if saves else 0.0
     later = list(zip(seconds, sample))[1:] or list(zip(seconds, sample))
-    per_token = statistics.median(t / max(1, s.num_tokens) for t, s in later)
+    if len(later) >= 3:
+        later.remove(max(later, key=lambda pair: pair[0] / max(1, pair[1].num_tokens)))
+    per_token = sum(t for t, _ in later) / max(1, sum(s.num_tokens for _, s in later))
     train = seconds[0] + per_token * sum(s.num_tokens for s in steps[1:])
     validate = validations * data.validation_tokens * per_token / 3  # a forward is about a third of a step
     how = (f"calibrated: {len(seconds)} step(s) of this run timed here ({per_token * 1e6:.1f} us/token after the "
@@ -446,6 +456,8 @@ def plan_run(config: Any, algorithm: str, *, calibrate: bool = True, gpu: str | 
             seconds, how = calibrated_seconds(config, algorithm, data, rank_steps, saves, validations)
         else:
             seconds, how = None, "not estimated (calibrate=False and no gpu)"
+        if world > 1 and gpu is None and calibrate:
+            how += f"; one process timed rank 0's share, without the {world} ranks' communication"
     plan = Plan(algorithm=algorithm, steps=total, steps_per_epoch=steps_per_epoch,
                 samples=sum(s.num_samples for s in steps), tokens=tokens, micro_batches=micro_count,
                 packing_efficiency=round(tokens / max(1, micro_count * data.max_tokens), 4),
@@ -515,14 +527,17 @@ def check_fits(config: Any, method: Any, make_data: Callable[[], RunData], devic
     world, strategy, ckpt, compute, _ = run_setting(config, None)
     _, total = total_steps(config, len(data.lengths))
     candidates, _, largest = largest_micro_batches(config, data, total, world)
-    memory, table = predict_memory(config, make_method, [data.row(m) for m in candidates], compute, world,
-                                   strategy, ckpt, both=False)
-    free = torch.cuda.mem_get_info(device)[0] if free is None else free
-    if memory["total"]["low"] <= free:
+    rows = [data.row(m) for m in candidates]
+    try:
+        memory, table = predict_memory(config, make_method, rows, compute, world, strategy, ckpt, both=False)
+        free = torch.cuda.mem_get_info(device)[0] if free is None else free
+        if memory["total"]["low"] <= free:
+            return
+        if not ckpt:  # the checkpointing lever needs the other setting's figures
+            memory, table = predict_memory(config, make_method, rows, compute, world, strategy, ckpt)
+    except Exception as exc:  # a model the fake-tensor trace cannot run: the check advises, it never blocks
+        logger.warning("memory check skipped: the plan of this model failed (%s: %s)", type(exc).__name__, exc)
         return
-    if not ckpt:  # the checkpointing lever needs the other setting's figures
-        memory, table = predict_memory(config, make_method, [data.row(m) for m in candidates], compute, world,
-                                       strategy, ckpt)
     ways = levers(config, algorithm, memory, table, free, world, data, ckpt)
     raise MemoryError(
         f"this run needs at least {_gib(memory['total']['low'])} per device (parameters {_gib(memory['parameters'])}, "
