@@ -40,7 +40,6 @@ class GRPOParams(DeclaredConfig):
     num_iterations: int = param(15, "GRPO iterations: batches of prompts generated, scored and trained on.", gt=0)
     group_size: int = param(8, "Completions sampled per prompt; advantages are relative to the group.", ge=2)
     prompt_batch_size: int = param(100, "Prompts per iteration (at most the number of training rows).", gt=0)
-    learning_rate: float = param(1e-5, "Peak learning rate.", gt=0.0)
     temperature: float = param(0.7, "Sampling temperature of the rollouts (the loss uses the same tempered "
                                     "log-probabilities, as TRL and verl do).", gt=0.0)
     max_tokens: int = param(512, "Longest completion, in tokens (generation stops at EOS or here).", gt=0)
@@ -120,9 +119,14 @@ class GRPOUpstreamParams(DeclaredConfig):
                                     upstream=ignored("ART storage is ART's; everything is written to ckpt_output_dir"))
 
 
+_LR_DOC = "Peak learning rate (upstream's default, 1e-5, suits billion-parameter models; tiny ones need ~1e-3)."
+
+
 @dataclass(kw_only=True)
-class GRPOConfig(GRPOUpstreamParams, GRPOParams, LoggingParams, CheckpointParams, RuntimeParams, OptimizerParams):
+class GRPOConfig(GRPOUpstreamParams, LoggingParams, CheckpointParams, RuntimeParams, OptimizerParams, GRPOParams):
     """Every parameter of ``grpo()``: full-parameter GRPO."""
+
+    learning_rate: float = param(1e-5, _LR_DOC, gt=0.0)
 
 
 @dataclass(kw_only=True)
@@ -133,10 +137,11 @@ class LoRAGRPOParams(LoRAParams):
 
 
 @dataclass(kw_only=True)
-class LoRAGRPOConfig(GRPOUpstreamParams, LoRAGRPOParams, GRPOParams, LoggingParams, CheckpointParams, RuntimeParams,
-                     OptimizerParams):
+class LoRAGRPOConfig(GRPOUpstreamParams, LoRAGRPOParams, LoggingParams, CheckpointParams, RuntimeParams,
+                     OptimizerParams, GRPOParams):
     """Every parameter of ``lora_grpo()``: GRPO training LoRA adapters on a frozen base model."""
 
+    learning_rate: float = param(1e-5, _LR_DOC, gt=0.0)
     max_grad_norm: Optional[float] = param(0.1, "Clip the global gradient norm to this value (None: no clipping).",
                                            gt=0.0)
 
