@@ -283,3 +283,20 @@ def test_find_latest_valid_checkpoint_knows_the_native_layout(tmp_path):
     assert find_latest_valid_checkpoint(tmp_path, layouts=(TRAINING_HUB_LAYOUT,)).endswith("step_000000004")
     with pytest.raises(ValueError, match="layouts: unknown"):
         find_latest_valid_checkpoint(tmp_path, layouts=("nope",))
+
+
+def test_enable_jit_checkpoint_resumes_a_restarted_run_by_itself(tmp_path):
+    from types import SimpleNamespace
+
+    from training_hub.engine.checkpoint import ExistingRunError
+
+    state = tmp_path / "state" / "step_000000004"
+    state.mkdir(parents=True)
+    (state / "trainer_state.json").write_text("{}")
+    plain = SimpleNamespace(resume=False, enable_jit_checkpoint=False, checkpoint_storage=None)
+    with pytest.raises(ExistingRunError, match="Pass resume=True"):
+        storage.open_output_dir(plain, tmp_path)
+    for jit in (SimpleNamespace(resume=False, enable_jit_checkpoint=True, checkpoint_storage="pvc"),
+                SimpleNamespace(resume=False, on_demand_checkpointing=True, checkpoint_storage=None)):
+        assert storage.open_output_dir(jit, tmp_path) == state
+    assert storage.open_output_dir(jit, tmp_path / "fresh") is None  # nothing to resume: a fresh start, no error

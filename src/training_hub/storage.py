@@ -17,13 +17,10 @@ from __future__ import annotations
 import json
 import logging
 import os
-import queue
 import re
 import shutil
 import threading
 import time
-import uuid
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -80,6 +77,8 @@ def filesystem(url: str):
 
 def check_access(url: str):
     """Write, read and delete a probe object, so bad credentials or a missing bucket fail before training."""
+    import uuid
+
     fs = filesystem(url)
     probe = f".training_hub-probe-{uuid.uuid4().hex}"
     try:
@@ -163,6 +162,8 @@ def marker_of(local: Path) -> bytes:
 
 def upload_directory(fs, local: Path, prefix: str, attempts: int = ATTEMPTS) -> None:
     """Copy ``local`` to ``prefix`` file by file (each tried ``attempts`` times), then write the marker."""
+    from concurrent.futures import ThreadPoolExecutor
+
     marker = marker_of(local)
     files = sorted(p for p in Path(local).rglob("*") if p.is_file())
     with ThreadPoolExecutor(max_workers=PARALLEL_FILES) as pool:
@@ -187,6 +188,8 @@ class Mirror:
     def __init__(self, url: str, root: Path, keep_checkpoints: int | None = None, fs=None):
         self.url, self.root, self.keep = url, Path(root), keep_checkpoints
         self.fs = fs if fs is not None else filesystem(url)
+        import queue
+
         self.errors: list[str] = []
         self.queue: queue.Queue = queue.Queue()
         self.thread = threading.Thread(target=self._work, name="training_hub-checkpoint-mirror", daemon=True)
@@ -196,6 +199,8 @@ class Mirror:
         """Queue ``local`` (a complete ``hf_format/...`` or ``state/...`` directory) for upload, from a hard-linked
         copy under ``.upload_staging`` (a real copy where links are not possible)."""
         relative = Path(local).relative_to(self.root).as_posix()
+        import uuid
+
         staged = self.root / STAGING_DIR / uuid.uuid4().hex / relative  # its own copy: the same name may come again
         staged.parent.mkdir(parents=True, exist_ok=True)
         try:
