@@ -67,6 +67,7 @@ def test_the_run_records_its_ledger_and_the_plan_predicts_it(tiny_model_dir, cha
     assert measured["total"] == sum(measured[k] for k in ("parameters", "gradients", "optimizer", "activations"))
     assert plan.memory["total"]["low"] <= plan.memory["total"]["expected"] <= plan.memory["total"]["high"]
     assert 0 < plan.time_seconds["low"] < plan.time_seconds["expected"] < plan.time_seconds["high"]
+    assert set(plan.setup_seconds) == {"data", "model load"}  # timed while planning: what comes before the loop
 
 
 @pytest.mark.slow

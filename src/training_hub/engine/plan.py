@@ -79,6 +79,7 @@ class Plan:
     time_seconds: dict
     time_method: str
     device: str
+    setup_seconds: dict = field(default_factory=dict)  # before the loop: data preparation, model load, reference
     fits: dict | None = None
     levers: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
@@ -331,20 +332,24 @@ def _timed(fn: Callable[[], Any]) -> float:
     return time.perf_counter() - t0
 
 
-def calibration_recipe(config: Any, algorithm: str, data: RunData, steps: list[Step], total: int, root: Path):
+def calibration_recipe(config: Any, algorithm: str, data: RunData, steps: list[Step], total: int, root: Path,
+                       setup: dict):
     """The run's recipe on this machine (real weights), writing into ``root``, and the steps to time with it (DPO:
-    its reference pass over just those steps' pairs, and the steps renumbered to them)."""
+    its reference pass over just those steps' pairs, and the steps renumbered to them). ``setup`` receives the
+    seconds of loading the model and (DPO) of the reference pass, scaled to every pair."""
     from training_hub.engine import distributed
     from training_hub.engine.model import device_and_autocast, load_model
     from training_hub.engine.run import optimizer_and_scheduler, seed_everything
 
     device, autocast, _ = device_and_autocast(config)
     seed_everything(config.seed)
+    t0 = time.perf_counter()
     with warnings_quiet():
         raw, save_dtype = load_model(config, device)
         method = method_for(algorithm, config)
         if method is not None:
             method.prepare_model(raw)
+    setup["model load"] = time.perf_counter() - t0
     trainable = [p for p in raw.parameters() if p.requires_grad]
     optimizer, scheduler = optimizer_and_scheduler(config, trainable, total)
     parts = dict(device=device, autocast=autocast, tokenizer=data.tokenizer, model=raw, save_dtype=save_dtype,
@@ -361,11 +366,15 @@ def calibration_recipe(config: Any, algorithm: str, data: RunData, steps: list[S
     pairs = Pairs([data.source.train[i] for i in chosen], None, data.max_tokens, 0)
     renumbered = [Step([[index[i] for i in m] for m in s.micro_batches], s.num_samples, s.num_tokens)
                   for s in steps]
-    return DPORecipe(config, data=pairs, **parts), renumbered
+    t0 = time.perf_counter()
+    recipe = DPORecipe(config, data=pairs, **parts)  # its reference pass over these pairs
+    share = sum(data.lengths[i] for i in chosen) / max(1, sum(data.lengths) + data.validation_tokens)
+    setup["reference pass"] = (time.perf_counter() - t0) / max(share, 1e-9)
+    return recipe, renumbered
 
 
 def calibrated_seconds(config: Any, algorithm: str, data: RunData, steps: list[Step], saves: int,
-                       validations: int) -> tuple[float, str]:
+                       validations: int, setup: dict) -> tuple[float, str]:
     """Seconds of the run's training loop (what its ``elapsed_seconds`` counts), from timing its first steps here
     (at least ``CALIBRATION_STEPS``, more while they take under ``CALIBRATION_SECONDS``): the first step as measured,
     the others at the rate per token of the next ones (the slowest left out: one step slowed by another process
@@ -374,7 +383,7 @@ def calibrated_seconds(config: Any, algorithm: str, data: RunData, steps: list[S
 
     sample = steps[:CALIBRATION_MAX_STEPS]
     with tempfile.TemporaryDirectory(prefix="training_hub_plan_") as tmp:
-        recipe, timed = calibration_recipe(config, algorithm, data, sample, len(steps), Path(tmp))
+        recipe, timed = calibration_recipe(config, algorithm, data, sample, len(steps), Path(tmp), setup)
         seconds: list[float] = []
         for step in timed:
             if len(seconds) >= CALIBRATION_STEPS and sum(seconds) > CALIBRATION_SECONDS:
@@ -439,36 +448,67 @@ def plan_run(config: Any, algorithm: str, *, calibrate: bool = True, gpu: str | 
     world, strategy, ckpt, compute, device = run_setting(config, gpu)
     with tempfile.TemporaryDirectory(prefix="training_hub_plan_data_") as tmp:
         cache = Path(config.data_output_dir) if config.data_output_dir else Path(tmp)
+        t0 = time.perf_counter()
         data = read_data(config, "dpo" if algorithm == "dpo" else "sft", cache)
+        setup = {"data": time.perf_counter() - t0}
         steps_per_epoch, total = total_steps(config, len(data.lengths))
         steps = run_steps(config, data, total)
         candidates, micro_count, largest = largest_micro_batches(config, data, total, world)
         memory, table = predict_memory(config, lambda: method_for(algorithm, config),
                                        [data.row(m) for m in candidates], compute, world, strategy, ckpt)
-        epochs = [[s.num_samples for s in config_epoch(config, data.lengths, data.max_tokens, e)]
-                  for e in range(config.num_epochs) if e * steps_per_epoch < total]
-        saves, validations = schedule_counts(config, epochs, total, data.validation_tokens > 0)
         tokens = sum(s.num_tokens for s in steps)
-        if gpu is not None:
-            seconds, how = flops_seconds(config, algorithm, tokens, gpu, utilization or DEFAULT_UTILIZATION, world, ckpt)
-        elif calibrate:
-            rank_steps = run_steps(config, data, total, world, 0) if world > 1 else steps
-            seconds, how = calibrated_seconds(config, algorithm, data, rank_steps, saves, validations)
-        else:
-            seconds, how = None, "not estimated (calibrate=False and no gpu)"
-        if world > 1 and gpu is None and calibrate:
-            how += f"; one process timed rank 0's share, without the {world} ranks' communication"
+        seconds, how = plan_time(config, algorithm, data, steps, memory, setup, calibrate=calibrate, gpu=gpu,
+                                 utilization=utilization, world=world, checkpointing=ckpt)
     plan = Plan(algorithm=algorithm, steps=total, steps_per_epoch=steps_per_epoch,
                 samples=sum(s.num_samples for s in steps), tokens=tokens, micro_batches=micro_count,
                 packing_efficiency=round(tokens / max(1, micro_count * data.max_tokens), 4),
                 largest_micro_batch=largest, world_size=world, strategy=strategy, checkpointing=ckpt, memory=memory,
-                memory_table=table, time_seconds=time_bounds(seconds), time_method=how, device=device)
+                memory_table=table, time_seconds=time_bounds(seconds), time_method=how, device=device,
+                setup_seconds={k: round(v, 3) for k, v in setup.items()})
     capacity = gpu_memory or (torch.cuda.mem_get_info()[0] if gpu is None and torch.cuda.is_available() else None)
     if capacity:
         plan.fits = {"capacity": int(capacity), "fits": memory["total"]["expected"] <= capacity}
         if not plan.fits["fits"]:
             plan.levers = levers(config, algorithm, memory, table, int(capacity), world, data, ckpt)
     return plan
+
+
+def available_memory() -> int | None:
+    """Free memory of the device a calibration would run on: CUDA's, else Linux's MemAvailable (None: unknown)."""
+    if torch.cuda.is_available():
+        return int(torch.cuda.mem_get_info()[0])
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def plan_time(config: Any, algorithm: str, data: RunData, steps: list[Step], memory: dict, setup: dict, *,
+              calibrate: bool, gpu: str | None, utilization: float | None, world: int,
+              checkpointing: bool) -> tuple[float | None, str]:
+    """Seconds of the training loop and how they were found; ``setup`` gains the model load (and DPO's reference
+    pass) when calibrating. Not calibrated where the run would not fit this machine's free memory."""
+    if gpu is not None:
+        return flops_seconds(config, algorithm, sum(s.num_tokens for s in steps), gpu,
+                             utilization or DEFAULT_UTILIZATION, world, checkpointing)
+    if not calibrate:
+        return None, "not estimated (calibrate=False and no gpu)"
+    free = available_memory()
+    if free is not None and memory["total"]["high"] > free:
+        return None, (f"not calibrated: the run needs up to {_gib(memory['total']['high'])} and this machine has "
+                      f"{_gib(free)} free; name a gpu for an estimate from its FLOP/s")
+    per_epoch = math.ceil(len(data.lengths) / config.effective_batch_size)  # as run.total_steps counts
+    epochs = [[s.num_samples for s in config_epoch(config, data.lengths, data.max_tokens, e)]
+              for e in range(min(config.num_epochs, math.ceil(len(steps) / per_epoch)))]
+    saves, validations = schedule_counts(config, epochs, len(steps), data.validation_tokens > 0)
+    rank_steps = run_steps(config, data, len(steps), world, 0) if world > 1 else steps
+    seconds, how = calibrated_seconds(config, algorithm, data, rank_steps, saves, validations, setup)
+    if world > 1:
+        how += f"; one process timed rank 0's share, without the {world} ranks' communication"
+    return seconds, how
 
 
 def time_bounds(seconds: float | None) -> dict:
@@ -581,6 +621,8 @@ def format_plan(plan: Plan) -> str:
         lines.append(f"  {setting.replace('_', ' '):<26}{cells}")
     lines += ["", f"Time (training loop): {_duration(t['expected'])} (low {_duration(t['low'])}, high "
                   f"{_duration(t['high'])})", f"  {plan.time_method}"]
+    if plan.setup_seconds:
+        lines.append("  before it: " + ", ".join(f"{k} {_duration(v)}" for k, v in plan.setup_seconds.items()))
     if plan.fits is not None:
         verdict = "fits" if plan.fits["fits"] else "does NOT fit"
         lines += ["", f"Device memory {_gib(plan.fits['capacity'])}: the run {verdict}."]
