@@ -13,7 +13,8 @@ class TrainingResult(Mapping):
 
     status:          "success" (or "stopped" when interrupted after saving state)
     checkpoint_path: the newest Hugging Face checkpoint written (None if none was saved)
-    metrics:         final_loss, steps, tokens, tokens_per_second, peak_memory_bytes, ...
+    metrics:         final_loss, steps, tokens, tokens_per_second, peak_memory_bytes, memory (the native
+                     engine's ledger: parameters, gradients, optimizer, activations, total bytes), ...
     output_dir:      the run's ckpt_output_dir (holds metrics.jsonl and the training state)
 
     A backend may add keys computed on first access (:meth:`set_lazy`; ``lora_sft``: ``"model"`` and

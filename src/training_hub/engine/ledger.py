@@ -132,6 +132,17 @@ class MemoryLedger:
         self._hooks = [optimizer.register_step_pre_hook(self._before_step),
                        optimizer.register_step_post_hook(self._after_step)]
 
+    @classmethod
+    def of(cls, recipe: Any, device: torch.device) -> "MemoryLedger | None":
+        """The ledger of a recipe's model (``raw``: the model under DDP/FSDP2 wrapping) and optimizer; None for a
+        recipe that has no such attributes."""
+        model = getattr(recipe, "raw", None)
+        model = getattr(recipe, "model", None) if model is None else model
+        optimizer = getattr(recipe, "optimizer", None)
+        if not isinstance(model, torch.nn.Module) or not isinstance(optimizer, torch.optim.Optimizer):
+            return None
+        return cls(model, optimizer, device)
+
     def _before_step(self, optimizer, args, kwargs) -> None:
         params = [p for group in optimizer.param_groups for p in group["params"]]
         self.values["gradients"] = max(self.values["gradients"], gradient_bytes(params))

@@ -408,7 +408,7 @@ def train_epoch(run: Run, recipe: Recipe, steps: list[Step], bar, sigterm: dict)
 def execute(run: Run, recipe: Recipe, has_validation: bool) -> TrainingResult:
     """Train until ``num_epochs`` or ``max_steps`` (or a stop), save the final checkpoint, return the result."""
     config, progress = run.config, run.progress
-    run.ledger = MemoryLedger(recipe.raw if hasattr(recipe, "raw") else recipe.model, recipe.optimizer, run.device)
+    run.ledger = MemoryLedger.of(recipe, run.device)
     run.reporter.begin(run.total_steps, progress.global_step, progress.samples_seen)
     bar = progress_bar(run.total_steps, progress.global_step, config.disable_progress_bar or not run.ranks.is_main,
                        desc=run.desc)
