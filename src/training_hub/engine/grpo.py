@@ -40,8 +40,6 @@ import torch.nn.functional as F
 from training_hub.data.grpo import RewardAdapter, Task, callable_name, load_tasks, tasks_fingerprint
 from training_hub.engine import checkpoint as ckpt
 from training_hub.engine import distributed
-from training_hub.engine.attention import NAME as PACKED
-from training_hub.engine.attention import packing_error
 from training_hub.engine.batching import IGNORE_INDEX, Step, pack, pack_into_micro_batches
 from training_hub.engine.loss import packed_logits
 from training_hub.engine.method import TrainingMethod
@@ -176,35 +174,6 @@ def rollout(recipe: "GRPORecipe", iteration: int) -> Rollouts:
 
 # ---------------------------------------------------------------------------------------------------- loss
 
-# Mean tokens per rollout below which one SDPA call with the block-diagonal mask (from the restarting position ids)
-# beats the per-sample kernel's loop over the row's samples: 2.8x faster for 120 rollouts of 20 tokens on CPU.
-SHORT_ROLLOUTS = 256
-
-
-def masked_attention_exact(model) -> bool:
-    """Whether plain SDPA with the position-id mask keeps packed samples apart for this model (checked once)."""
-    previous = model.config._attn_implementation
-    try:
-        return packing_error(model, "sdpa", "sdpa") <= 1e-4
-    except Exception:  # a model whose attention does not take the mask from position ids
-        return False
-    finally:
-        model.set_attn_implementation(previous)
-
-
-@contextlib.contextmanager
-def training_attention(models: list, lengths: list[int], masked_ok: bool):
-    """Short rollouts: plain SDPA with the mask for this step (see SHORT_ROLLOUTS), else the models' own."""
-    switch = [m for m in models if m is not None and m.config._attn_implementation == PACKED]
-    switch = switch if masked_ok and sum(lengths) < SHORT_ROLLOUTS * len(lengths) else []
-    for m in switch:
-        m.set_attn_implementation("sdpa")
-    try:
-        yield
-    finally:
-        for m in switch:
-            m.set_attn_implementation(PACKED)
-
 def collate(r: Rollouts, indices: list[int], device) -> dict:
     """Pack the sequences ``indices`` into one row; loss (targets) on their completion tokens only."""
     ids = [r.prompts[i] + r.completions[i] for i in indices]
@@ -281,7 +250,6 @@ class GRPORecipe:
         self.optimizer, self.scheduler, self.root, self.reward = optimizer, scheduler, root, reward
         self.trainable = [p for p in model.parameters() if p.requires_grad]
         self.iteration, self.reward_history = 0, []
-        self.masked_ok = masked_attention_exact(model)
 
     def generate(self, prompts: list[list[int]]) -> list[list[int]]:
         c = self.config
@@ -309,15 +277,14 @@ class GRPORecipe:
     def train_step(self, step: Step, stop: Callable[[], bool]) -> StepOutcome:
         r = rollout(self, self.iteration)
         losses, first = [], None
-        with training_attention([self.model, self.reference], r.lengths(), self.masked_ok):
-            micros = micro_batches(self, r)
-            for _ in range(self.config.updates_per_batch):
-                stats = update(self, micros)
-                lr, norm, applied = self.optimizer_step(stats["loss"])
-                first = first or (lr, norm, stats)
-                losses.append(stats["loss"])
-                if not applied:
-                    break  # the skeleton stops the run on the non-finite value (applied ones are not saved)
+        micros = micro_batches(self, r)
+        for _ in range(self.config.updates_per_batch):
+            stats = update(self, micros)
+            lr, norm, applied = self.optimizer_step(stats["loss"])
+            first = first or (lr, norm, stats)
+            losses.append(stats["loss"])
+            if not applied:
+                break  # the skeleton stops the run on the non-finite value (applied ones are not saved)
         lr, norm, stats = first
         loss = sum(losses) / len(losses) if all(map(math.isfinite, losses)) else float("nan")
         ran = Step(micro_batches=[], num_samples=len(r.completions), num_tokens=sum(r.lengths()))
