@@ -177,6 +177,9 @@ def test_estimate_as_upstreams_notebooks_call_it(tiny_model_dir):
                     verbose=0) == osft
     with pytest.warns(DeprecationWarning):
         OSFTEstimatorExperimental(model_path=model, max_tokens_per_gpu=256, verbose=0)
+    from training_hub.profiling import memory_estimator, timing_estimator  # upstream's module paths
+
+    assert memory_estimator.estimate is estimate and callable(timing_estimator.time_estimate)
     with pytest.raises(ValueError, match="batch_size and max_seq_len"):
         LoRAEstimator(model_path=model, verbose=0)
     with pytest.raises(ValueError, match="max_tokens_per_gpu must be provided"):

@@ -288,7 +288,7 @@ def with_bounds(ledger: dict, transient: int) -> dict:
     return {**ledger, "total": {"low": low, "expected": expected, "high": int(1.05 * (expected + transient))}}
 
 
-def loss_buffer(model, rows: list[dict], compute) -> int:
+def loss_buffer(model, rows: list[dict]) -> int:
     """Bytes of the loss positions' logits of the largest row, in fp32 (chunked as ``loss.CHUNK_ELEMENTS`` says)."""
     from training_hub.engine.loss import CHUNK_ELEMENTS
 
@@ -308,7 +308,7 @@ def predict_memory(config: Any, make_method: Callable[[], Any], rows: list[dict]
     for ckpt in (False, True) if both else (checkpointing,):
         model, mode = fake_model(config, make_method, ckpt)
         states, activations = state_bytes(model), traced_activations(model, mode, rows, compute)
-        logits = loss_buffer(model, rows, compute)
+        logits = loss_buffer(model, rows)
         layers = max(1, getattr(model.config.get_text_config(), "num_hidden_layers", 1))
         if not ckpt:  # one layer's share: what checkpointing recomputes at once in the backward pass
             one_layer = activations // layers
