@@ -209,7 +209,7 @@ def trl_trainer(config, root: Path, peft):
     trainer = GRPOTrainer(model=_load_model(config), reward_funcs=[trl_reward(adapter, data.train)],
                           args=trl_arguments(config, root, per_step), train_dataset=dataset,
                           processing_class=tokenizer, peft_config=peft, callbacks=[callback, bridge, iterations])
-    return trainer, callback, bridge, iterations
+    return trainer, callback, bridge, iterations, per_step
 
 
 def train_trl(config, peft):
@@ -221,8 +221,12 @@ def train_trl(config, peft):
     root = Path(config.ckpt_output_dir)
     _check_output_dir(root, False)
     with claim_directory(root):
-        trainer, callback, bridge, iterations = trl_trainer(config, root, peft)
+        trainer, callback, bridge, iterations, per_step = trl_trainer(config, root, peft)
         path, metrics, last = _train_and_save(trainer, config, root, None, callback, cast_back=peft is None)
+        samples = len(iterations.history) * per_step  # completions trained on, as the native engine names them
+        if path is not None and path.name != f"samples_{samples}":
+            path = path.rename(path.with_name(f"samples_{samples}"))
+        metrics["samples"] = samples
         records = [json.loads(line) for line in (root / "metrics.jsonl").read_text().splitlines() if line.strip()]
         train = [r for r in records if r.get("type") == "train"]
         busy = sum(r.get("step_time", 0.0) for r in train)
