@@ -236,7 +236,7 @@ def test_loss_matches_trl_on_fixed_rollouts(tiny_model_dir, tmp_path, monkeypatc
                   disable_progress_bar=True)
     native_next = lookup(table)
     monkeypatch.setattr(engine.GRPORecipe, "generate", lambda self, ps: [native_next(p) for p in ps])
-    native = grpo(str(tiny_model_dir), str(tmp_path / "native"), backend="native", **common)
+    grpo(str(tiny_model_dir), str(tmp_path / "native"), backend="native", **common)
     native_losses = [r["loss"] for r in map(json.loads, (tmp_path / "native" / "metrics.jsonl").read_text()
                                             .splitlines()) if r["type"] == "train"]
 
