@@ -1,4 +1,4 @@
-"""Retention benchmark: how much general knowledge SFT and OSFT forget while learning a narrow new task.
+"""Retention benchmark: how much general knowledge SFT, OSFT and LoRA forget while learning a narrow new task.
 
 1. Base model (built once, cached): a tiny random Qwen2 with its own BPE tokenizer (``training_hub.tiny``),
    pre-trained with our engine (``sft(..., is_pretraining=True)``) on a synthetic "general" corpus with learnable
@@ -9,22 +9,29 @@
    Its answers use words the base model never saw. Held-out phrases are never trained on.
 3. Arms, each over a learning-rate sweep and several seeds, with the same data, steps and schedule:
    SFT; OSFT with unfreeze_rank_ratio 0.5 and 0.25 (non-targets train, as upstream); OSFT with the same ratios
-   and ``freeze_non_targets=True``.
+   and ``freeze_non_targets=True``; LoRA (``lora_sft``) with rank 16 (``lora``) or 64 (``lora64``) on every linear
+   projection, alpha = 2 x rank, merged into the base (``merge=True``) and the merged checkpoint evaluated. LoRA
+   arms run over their own, higher sweep (``--lora-lrs``): at the same learning rate LoRA moves the weights less.
 4. Per run, computed here with plain transformers from the saved checkpoint: the token-mean cross-entropy on a
    held-out new-task set (assistant tokens) and on a held-out general set (all tokens); "forgetting" is the rise
    of the general loss over the base model's, also split by kind of general text (facts, arithmetic, ...).
 5. The frontier (new-task loss against general-loss rise, one point per arm and learning rate, mean over seeds)
    is drawn to a PNG; a JSON line (``CONTINUAL {...}``) and tables are printed, and the JSON is written. Arms are
-   also compared at equal new-task loss, on each arm's Pareto frontier over the learning rates.
+   also compared at equal new-task loss, on each arm's Pareto frontier over the learning rates: every arm against
+   SFT, and every OSFT arm against every LoRA arm.
 
-    .venv/bin/python benchmarks/continual.py            # full run (~17 min on 2 shared CPU cores, 1 thread)
-    .venv/bin/python benchmarks/continual.py --quick    # smoke version (~2 min; its own smaller base model)
+    .venv/bin/python benchmarks/continual.py            # full run, 7 arms (~20-30 min on 2 shared CPU cores)
+    .venv/bin/python benchmarks/continual.py --quick    # smoke version (~3 min cold: its own smaller base model)
+    .venv/bin/python benchmarks/continual.py --quick --arms sft,osft0.5,lora    # any arms in the smoke version
+    .venv/bin/python benchmarks/continual.py --hidden-size 256 --layers 4 --pretrain-epochs 3 \
+        --arms sft,osft0.5,lora --seeds 0   # a larger base (4.1M parameters) -> results/continual-h256x4.*
     .venv/bin/python benchmarks/continual.py --replot benchmarks/results/continual.json   # redraw, reprint
     .venv/bin/python benchmarks/continual.py --arms sft,osft0.5 --lrs 5e-4,7e-4 --tag continual-extra
     .venv/bin/python benchmarks/continual.py --replot benchmarks/results/continual.json \
         benchmarks/results/continual-extra.json                     # merged -> results/continual-merged.*
 
-Results go to ``benchmarks/results/continual.{json,png}`` (``--quick``: ``continual-quick.*``). See
+Results go to ``benchmarks/results/continual.{json,png}`` (``--quick``: ``continual-quick.*``; a base of another
+size: ``continual-h<hidden>x<layers>.*``). ``--plan`` prints the runs without training. See
 ``docs/benchmarks-continual.md``.
 
 The base model is cached under ``benchmarks/.cache/continual/`` (keyed by its settings); ``--rebuild-base``
@@ -261,6 +268,9 @@ def build_base(args, world: World, cache: Path) -> tuple[Path, dict]:
         except BaseException:
             sys.__stderr__.write(log.getvalue())
             raise
+    if result.status != "success" or not result.checkpoint_path:  # e.g. stopped by a signal: cache nothing
+        raise SystemExit(f"base model: pre-training ended with status {result.status!r} "
+                         f"({result.metrics.get('stopped_by', 'no final checkpoint')}); nothing cached")
     losses = [json.loads(line)["loss"] for line in open(root / "pretrain" / "metrics.jsonl")
               if json.loads(line).get("type", "train") == "train" and "loss" in json.loads(line)]
     info = {"checkpoint": result.checkpoint_path, "settings": settings, "steps": len(losses),
@@ -277,20 +287,35 @@ def build_base(args, world: World, cache: Path) -> tuple[Path, dict]:
     return Path(result.checkpoint_path), info
 
 
+LORA_RANKS = {"lora": 16, "lora64": 64}
+
+
 def parse_arm(name: str) -> dict:
-    """"sft", "osft0.25" or "osft0.25-frozen" -> algorithm and OSFT settings."""
+    """"sft", "osft0.25", "osft0.25-frozen", "lora" (rank 16) or "lora64" -> algorithm and its settings."""
     if name == "sft":
         return {"name": name, "algorithm": "sft", "kwargs": {}}
-    if not name.startswith("osft"):
-        raise ValueError(f"unknown arm {name!r}")
+    if name in LORA_RANKS:  # every linear projection (lora_sft's default), alpha = 2 x rank as upstream's r=16/32
+        r = LORA_RANKS[name]
+        return {"name": name, "algorithm": "lora_sft",
+                "kwargs": {"lora_r": r, "lora_alpha": 2.0 * r, "lora_dropout": 0.0, "merge": True}}
     ratio, _, flag = name[4:].partition("-")
-    if flag not in ("", "frozen"):
-        raise ValueError(f"unknown arm {name!r}")
+    try:
+        ok = name.startswith("osft") and 0 < float(ratio) <= 1 and flag in ("", "frozen")
+    except ValueError:
+        ok = False
+    if not ok:
+        raise ValueError(f"unknown arm {name!r}: use sft, lora, lora64, osft<ratio> or osft<ratio>-frozen "
+                         "(ratio in (0, 1], e.g. osft0.5)")
     return {"name": name, "algorithm": "osft",
             "kwargs": {"unfreeze_rank_ratio": float(ratio), "freeze_non_targets": flag == "frozen"}}
 
 
-def fine_tune(arm: dict, lr: float, seed: int, base: Path, data: Path, work: Path, args) -> tuple[str, dict]:
+def is_lora(arm_name: str) -> bool:
+    return arm_name in LORA_RANKS
+
+
+def fine_tune(arm: dict, lr: float, seed: int, base: Path, data: Path, work: Path, args) -> tuple[str, Path, dict]:
+    """Train one run; return the checkpoint to evaluate (LoRA: the merged one), the run's folder and its metrics."""
     import training_hub
 
     out = work / f"{arm['name']}-lr{lr:g}-s{seed}"
@@ -308,7 +333,10 @@ def fine_tune(arm: dict, lr: float, seed: int, base: Path, data: Path, work: Pat
         except BaseException:
             sys.__stderr__.write(log.getvalue())
             raise
-    return result.checkpoint_path, dict(result.metrics)
+    if result.status != "success":
+        raise SystemExit(f"{out.name}: training ended with status {result.status!r}")
+    checkpoint = result["merged_path"] if arm["kwargs"].get("merge") else result.checkpoint_path
+    return checkpoint, out, dict(result.metrics)
 
 
 def mean_sd(values: list[float]) -> tuple[float, float]:
@@ -347,8 +375,11 @@ def plot(summary: list[dict], base_eval: dict, path: Path, title: str) -> None:
     arms = list(dict.fromkeys(row["arm"] for row in summary))
     for i, arm in enumerate(arms):
         rows = sorted((r for r in summary if r["arm"] == arm), key=lambda r: r["lr"])
-        color, marker, line = styles.get(arm, (palette[i % len(palette)], "s" if "frozen" in arm else "^",
-                                               "--" if "frozen" in arm else "-"))
+        if is_lora(arm):  # LoRA: diamonds, dotted, in its own colours
+            color, marker, line = ("tab:cyan" if arm == "lora" else "tab:olive"), "D", ":"
+        else:
+            color, marker, line = styles.get(arm, (palette[i % len(palette)], "s" if "frozen" in arm else "^",
+                                                   "--" if "frozen" in arm else "-"))
         xs = [r["task_loss"] for r in rows]
         ys = [r["general_rise"] for r in rows]
         ax.errorbar(xs, ys, xerr=[r["task_loss_sd"] for r in rows], yerr=[r["general_rise_sd"] for r in rows],
@@ -367,25 +398,35 @@ def plot(summary: list[dict], base_eval: dict, path: Path, title: str) -> None:
     plt.close(fig)
 
 
-def compare_at_equal_task_loss(summary: list[dict]) -> list[dict]:
-    """For each arm against SFT: the general-loss rise on both Pareto frontiers at new-task losses both reach."""
+def comparison_pairs(arms: list[str]) -> list[tuple[str, str]]:
+    """(arm, reference) pairs to compare at equal new-task loss: every arm against SFT, every OSFT arm against
+    every LoRA arm."""
+    pairs = [(arm, "sft") for arm in arms if arm != "sft" and "sft" in arms]
+    pairs += [(arm, ref) for ref in arms if is_lora(ref) for arm in arms if arm.startswith("osft")]
+    return pairs
+
+
+def compare_at_equal_task_loss(summary: list[dict], levels=()) -> list[dict]:
+    """For each pair of ``comparison_pairs``: the general-loss rise of both on their Pareto frontiers at the
+    new-task losses both reach (the lowest, the middle and the highest of the overlap, and those of ``levels``
+    inside it)."""
     curves: dict[str, list] = {}
     for r in summary:
         curves.setdefault(r["arm"], []).append((r["task_loss"], r["general_rise"]))
     rows = []
-    for arm, curve in curves.items():
-        if arm == "sft" or "sft" not in curves:
-            continue
-        front, sft_front = pareto(curve), pareto(curves["sft"])
-        lo = max(front[0][0], sft_front[0][0])
-        hi = min(front[-1][0], sft_front[-1][0])
+    for arm, ref in comparison_pairs(list(curves)):
+        front, ref_front = pareto(curves[arm]), pareto(curves[ref])
+        lo = max(front[0][0], ref_front[0][0])
+        hi = min(front[-1][0], ref_front[-1][0])
         if lo > hi:
-            rows.append({"arm": arm, "task_loss": None, "sft_rise": None, "arm_rise": None})
+            rows.append({"arm": arm, "reference": ref, "task_loss": None, "reference_rise": None, "arm_rise": None,
+                         "arm_range": [front[0][0], front[-1][0]], "reference_range": [ref_front[0][0],
+                                                                                      ref_front[-1][0]]})
             continue
-        for level in sorted({lo, (lo + hi) / 2, hi}):
-            rows.append({"arm": arm, "task_loss": round(level, 4),
-                         "sft_rise": round(interpolate_rise(curves["sft"], level), 5),
-                         "arm_rise": round(interpolate_rise(curve, level), 5)})
+        for level in sorted({lo, (lo + hi) / 2, hi} | {x for x in levels if lo <= x <= hi}):
+            rows.append({"arm": arm, "reference": ref, "task_loss": round(level, 4),
+                         "reference_rise": round(interpolate_rise(curves[ref], level), 5),
+                         "arm_rise": round(interpolate_rise(curves[arm], level), 5)})
     return rows
 
 
@@ -404,16 +445,19 @@ def merge_results(results: list[dict]) -> dict:
     merged["summary"] = sorted(summary.values(), key=lambda r: (order.index(r["arm"]), r["lr"]))
     merged["runs"] = [r for res in results for r in res["runs"]]
     merged["merged_from"] = [res.get("command") for res in results]
-    merged["setup"] = {**first["setup"], "lrs": "per arm, see summary", "arms": ",".join(order)}
+    merged["setup"] = {**first["setup"], "lrs": "per arm, see summary", "lora_lrs": "per arm, see summary",
+                       "arms": ",".join(order)}
     merged["fine_tune_seconds"] = round(sum(res["fine_tune_seconds"] for res in results), 1)
     merged["total_seconds"] = round(sum(res["total_seconds"] for res in results), 1)
     return merged
 
 
-def report(result: dict, json_path: Path) -> None:
+def report(result: dict, json_path: Path, levels=()) -> None:
     """Write the JSON and the PNG next to it; print the CONTINUAL line and the tables."""
     summary, base = result["summary"], result["base"]
-    result["sft_vs_arm_at_equal_task_loss"] = compare_at_equal_task_loss(summary)
+    result.pop("sft_vs_arm_at_equal_task_loss", None)  # the name of this table before the LoRA arms
+    result["at_equal_task_loss"] = compare_at_equal_task_loss(summary, levels)
+    json_path.parent.mkdir(parents=True, exist_ok=True)
     png = json_path.with_suffix(".png")
     result["png"] = png.name
     setup = result["setup"]
@@ -443,21 +487,34 @@ def report(result: dict, json_path: Path) -> None:
             print(f"| {r['arm']} | {r['lr']:g} | " + " | ".join(f"{r['rise_by_kind'][k]:+.3f}" for k in kinds) + " |")
     print()
     print("general-loss rise at equal new-task loss (on each arm's Pareto frontier over learning rates, linear "
-          "between its points, where both frontiers reach):")
-    print("| arm | new-task loss | SFT rise | arm rise |")
-    print("|---|---|---|---|")
-    for r in result["sft_vs_arm_at_equal_task_loss"]:
+          "between its points, where both frontiers reach); ratio = arm rise / reference rise:")
+    print("| arm | reference | new-task loss | reference rise | arm rise | ratio |")
+    print("|---|---|---|---|---|---|")
+    for r in result["at_equal_task_loss"]:
         if r["task_loss"] is None:
-            print(f"| {r['arm']} | ranges do not overlap | | |")
+            ranges = (f": {r['arm']} {r['arm_range'][0]:.2f}-{r['arm_range'][1]:.2f}, {r['reference']} "
+                      f"{r['reference_range'][0]:.2f}-{r['reference_range'][1]:.2f}" if "arm_range" in r else "")
+            print(f"| {r['arm']} | {r['reference']} | (no new-task loss that both reach{ranges}) | | | |")
         else:
-            print(f"| {r['arm']} | {r['task_loss']:.3f} | {r['sft_rise']:+.4f} | {r['arm_rise']:+.4f} |")
+            ratio = f"{r['arm_rise'] / r['reference_rise']:.2f}" if r["reference_rise"] > 0 else "-"
+            print(f"| {r['arm']} | {r['reference']} | {r['task_loss']:.3f} | {r['reference_rise']:+.4f} | "
+                  f"{r['arm_rise']:+.4f} | {ratio} |")
     print(f"\ntotal {result['total_seconds']:.0f} s (fine-tuning {result['fine_tune_seconds']:.0f} s); "
           f"wrote {json_path} and {png}")
 
 
-def main(argv=None) -> int:
+FULL = {"arms": "sft,osft0.5,osft0.25,osft0.5-frozen,osft0.25-frozen,lora,lora64", "lrs": "3e-4,1e-3,3e-3,1e-2",
+        "lora_lrs": "1e-4,3e-4,1e-3,3e-3", "seeds": "0,1,2", "steps": 150}
+QUICK = {"arms": "sft,osft0.25,osft0.25-frozen", "lrs": "1e-4,3e-4,1e-3,3e-3", "lora_lrs": "3e-4,1e-3,3e-3", "seeds": "0",
+         "steps": 60}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true", help="smoke version: 1 seed, fewer steps and arms (~2 min)")
+    p.add_argument("--quick", action="store_true",
+                   help="smoke version: 1 seed, 60 steps, 3-4 learning rates, its own smaller base (~3 min); "
+                        "--arms, --lrs, --lora-lrs, --seeds and --steps still apply")
+    p.add_argument("--plan", action="store_true", help="print the runs this command would do, and stop")
     p.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE)
     p.add_argument("--out-dir", type=Path, default=DEFAULT_OUT)
     p.add_argument("--rebuild-base", action="store_true")
@@ -468,39 +525,87 @@ def main(argv=None) -> int:
     p.add_argument("--vocab-size", type=int, default=1024)
     p.add_argument("--people", type=int, default=48)
     p.add_argument("--pretrain-docs", type=int, default=8000)
-    p.add_argument("--pretrain-epochs", type=int, default=6)
+    p.add_argument("--pretrain-epochs", type=int, default=None, help="default 6 (--quick: 2)")
     p.add_argument("--pretrain-lr", type=float, default=3e-3)
     p.add_argument("--pretrain-batch", type=int, default=16)
     p.add_argument("--block", type=int, default=128)
     # fine-tuning
-    p.add_argument("--arms", default="sft,osft0.5,osft0.25,osft0.5-frozen,osft0.25-frozen")
-    p.add_argument("--lrs", default="3e-4,1e-3,3e-3,1e-2")
-    p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--arms", default=None, help=f"comma-separated; default {FULL['arms']} (--quick: {QUICK['arms']})")
+    p.add_argument("--lrs", default=None, help=f"learning rates of the SFT and OSFT arms; default {FULL['lrs']} "
+                                               f"(--quick: {QUICK['lrs']})")
+    p.add_argument("--lora-lrs", default=None, help=f"learning rates of the LoRA arms; default {FULL['lora_lrs']} "
+                                                    f"(--quick: {QUICK['lora_lrs']})")
+    p.add_argument("--seeds", default=None, help=f"default {FULL['seeds']} (--quick: {QUICK['seeds']})")
     p.add_argument("--task-train", type=int, default=800)
     p.add_argument("--task-words", type=int, default=2)
     p.add_argument("--task-max-len", type=int, default=64)
-    p.add_argument("--steps", type=int, default=150)
+    p.add_argument("--steps", type=int, default=None, help=f"default {FULL['steps']} (--quick: {QUICK['steps']})")
     p.add_argument("--batch", type=int, default=16)
-    p.add_argument("--eval-general-docs", type=int, default=300)
-    p.add_argument("--eval-task", type=int, default=200)
+    p.add_argument("--eval-general-docs", type=int, default=None, help="default 300 (--quick: 100)")
+    p.add_argument("--eval-task", type=int, default=None, help="default 200 (--quick: 100)")
     p.add_argument("--eval-kind-docs", type=int, default=60, help="held-out documents per kind of general text")
     p.add_argument("--only-base", action="store_true")
     p.add_argument("--replot", type=Path, nargs="+", default=None,
                    help="redraw the PNG and tables from a result JSON; with several, merge their arms and learning "
                         "rates (same base model and fine-tuning settings) into <out-dir>/<tag>.json")
-    p.add_argument("--tag", default=None, help="name of the result files (default: continual or continual-quick)")
+    p.add_argument("--levels", default="", help="more new-task losses at which the table at equal new-task loss "
+                                                "compares arms (where both reach), e.g. 2.56,4.9")
+    p.add_argument("--tag", default=None, help="name of the result files (default: continual or continual-quick, "
+                                               "with -h<hidden>x<layers> for a base of another size)")
     args = p.parse_args(argv)
-    if args.quick:
-        args.seeds, args.steps, args.arms, args.lrs = "0", 60, "sft,osft0.25,osft0.25-frozen", "1e-3,3e-3,1e-2"
-        args.eval_general_docs, args.eval_task, args.pretrain_epochs = 100, 100, 2  # its own, smaller base
+    defaults = {**(QUICK if args.quick else FULL), "pretrain_epochs": 2 if args.quick else 6,
+                "eval_general_docs": 100 if args.quick else 300, "eval_task": 100 if args.quick else 200}
+    for key, value in defaults.items():  # --quick changes only what the command line leaves unset
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    try:
+        args.plan_runs = plan(args)
+    except ValueError as e:
+        p.error(str(e))
+    if args.tag is None and not args.replot:
+        size = "" if (args.hidden_size, args.layers) == (128, 2) else f"-h{args.hidden_size}x{args.layers}"
+        args.tag = ("continual-quick" if args.quick else "continual") + size
+    return args
+
+
+def plan(args) -> list[tuple[dict, list[float]]]:
+    """The arms to run, each with its learning rates (LoRA arms: --lora-lrs); ValueError on a bad value."""
+    def numbers(option: str, text: str, kind=float) -> list:
+        try:
+            values = [kind(x) for x in text.split(",")]
+        except ValueError:
+            raise ValueError(f"{option} {text!r}: expected comma-separated numbers, e.g. 1e-3,3e-3") from None
+        if kind is float and any(v <= 0 for v in values):
+            raise ValueError(f"{option} {text!r}: values must be > 0")
+        return values
+
+    lrs, lora_lrs = numbers("--lrs", args.lrs), numbers("--lora-lrs", args.lora_lrs)
+    args.level_values = numbers("--levels", args.levels) if args.levels else []
+    numbers("--seeds", args.seeds, int)
+    arms = [parse_arm(a.strip()) for a in args.arms.split(",")]
+    if len({a["name"] for a in arms}) != len(arms):
+        raise ValueError(f"--arms {args.arms!r}: an arm is named twice")
+    return [(arm, lora_lrs if is_lora(arm["name"]) else lrs) for arm in arms]
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.plan:
+        seeds = args.seeds.split(",")
+        for arm, lrs in args.plan_runs:
+            print(f"{arm['name']:>16}: {arm['algorithm']}({', '.join(f'{k}={v}' for k, v in arm['kwargs'].items())})"
+                  f" at lr {', '.join(f'{lr:g}' for lr in lrs)}, seeds {', '.join(seeds)}")
+        n = sum(len(lrs) for _, lrs in args.plan_runs) * len(seeds)
+        print(f"{n} runs of {args.steps} steps -> {args.out_dir / args.tag}.json")
+        return 0
     if args.replot:
         results = [json.loads(path.read_text()) for path in args.replot]
         if len(results) == 1:
-            report(results[0], args.replot[0])
+            report(results[0], args.replot[0], args.level_values)
         else:
-            report(merge_results(results), args.out_dir / f"{args.tag or 'continual-merged'}.json")
+            report(merge_results(results), args.out_dir / f"{args.tag or 'continual-merged'}.json", args.level_values)
         return 0
-    tag = args.tag or ("continual-quick" if args.quick else "continual")
+    tag = args.tag
 
     quiet_logging()
     import torch
@@ -533,16 +638,14 @@ def main(argv=None) -> int:
     print(f"base model: general loss {base_eval['general_loss']:.4f}, new-task loss {base_eval['task_loss']:.4f}, "
           "by kind " + ", ".join(f"{k} {v:.3f}" for k, v in base_eval["general_by_kind"].items()), flush=True)
 
-    arms = [parse_arm(a) for a in args.arms.split(",")]
-    lrs = [float(x) for x in args.lrs.split(",")]
     seeds = [int(x) for x in args.seeds.split(",")]
     runs = []
     t_ft = time.perf_counter()
     for seed in seeds:
-        for arm in arms:
+        for arm, lrs in args.plan_runs:
             for lr in lrs:
                 t0 = time.perf_counter()
-                ckpt, metrics = fine_tune(arm, lr, seed, base_ckpt, work / "task_train.jsonl", work, args)
+                ckpt, out, metrics = fine_tune(arm, lr, seed, base_ckpt, work / "task_train.jsonl", work, args)
                 ev = evaluator(ckpt)
                 run = {"arm": arm["name"], "lr": lr, "seed": seed, "task_loss": ev["task_loss"],
                        "general_loss": ev["general_loss"],
@@ -551,13 +654,13 @@ def main(argv=None) -> int:
                                         for k, v in ev["general_by_kind"].items()},
                        "train_loss": metrics.get("final_loss"), "seconds": round(time.perf_counter() - t0, 1)}
                 runs.append(run)
-                shutil.rmtree(Path(ckpt).parent.parent, ignore_errors=True)
+                shutil.rmtree(out, ignore_errors=True)
                 print(f"  {arm['name']:>16} lr {lr:<7g} seed {seed}: new-task {ev['task_loss']:.4f}  general "
                       f"{ev['general_loss']:.4f} (+{run['general_rise']:.4f})  [{run['seconds']:.0f} s]", flush=True)
     ft_seconds = time.perf_counter() - t_ft
 
     summary = []
-    for arm in arms:
+    for arm, lrs in args.plan_runs:
         for lr in lrs:
             rs = [r for r in runs if r["arm"] == arm["name"] and r["lr"] == lr]
             t_m, t_sd = mean_sd([r["task_loss"] for r in rs])
@@ -574,11 +677,11 @@ def main(argv=None) -> int:
                        "pretrain_seconds": round(base_info["seconds"], 1),
                        "pretrain_loss_every_25_steps": base_info["loss_curve"]},
               "setup": {k: getattr(args, k) for k in ("hidden_size", "layers", "people", "steps", "batch", "lrs",
-                                                      "seeds", "arms", "task_words", "task_train",
+                                                      "lora_lrs", "seeds", "arms", "task_words", "task_train",
                                                       "eval_general_docs", "eval_task", "threads")},
               "summary": [rnd(r) for r in summary], "runs": [rnd(r) for r in runs],
               "fine_tune_seconds": round(ft_seconds, 1), "total_seconds": round(time.perf_counter() - t_start, 1)}
-    report(result, args.out_dir / f"{tag}.json")
+    report(result, args.out_dir / f"{tag}.json", args.level_values)
     return 0
 
 
