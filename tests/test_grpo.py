@@ -257,3 +257,23 @@ def test_loss_matches_trl_on_fixed_rollouts(tiny_model_dir, tmp_path, monkeypatc
     assert len(native_losses) == len(trl_losses) == (2 if dr_grpo else 1)
     assert all(abs(a) > 1e-3 for a in native_losses), native_losses  # the comparison is not of zeros
     assert native_losses == pytest.approx(trl_losses, abs=1e-4)
+
+
+@pytest.mark.slow
+def test_a_resumed_run_continues_exactly(tiny_model_dir, tmp_path):
+    """Stopped after 3 of 6 iterations (a hook's stop) and resumed: the same prompts, samples and updates as one
+    uninterrupted run, so the same reward history."""
+    from training_hub import TrainingHubCallback
+
+    class StopAfter3(TrainingHubCallback):
+        def on_step_end(self, ctx, metrics=None):
+            if ctx.step == 3:
+                ctx.control.should_training_stop = True
+
+    path = write_rows(tmp_path / "q.jsonl", QUESTIONS)
+    common = dict(data_path=str(path), reward_fn=e_fraction, num_iterations=6, **FAST)
+    whole = grpo(str(tiny_model_dir), str(tmp_path / "whole"), **common)["reward_history"]
+    first = grpo(str(tiny_model_dir), str(tmp_path / "split"), callbacks=[StopAfter3()], **common)
+    assert len(first["reward_history"]) == 3
+    resumed = grpo(str(tiny_model_dir), str(tmp_path / "split"), resume=True, **common)
+    assert resumed["reward_history"] == pytest.approx(whole, abs=1e-6)
