@@ -33,7 +33,7 @@ def test_register_backend_for_unknown_algorithm_raises(clean_registry):
 
 
 def test_unknown_names_list_valid_names_and_closest(clean_registry):
-    with pytest.raises(ValueError, match=r"Valid: dpo, lora_sft, osft, sft\. Did you mean 'sft'"):
+    with pytest.raises(ValueError, match=r"Valid: dpo, embedding_sft, grpo, lora_grpo, lora_sft, osft, sft\. Did you mean 'sft'"):
         AlgorithmRegistry.get_algorithm("stf")
     AlgorithmRegistry.register_backend("sft", "echo", EchoBackend)
     with pytest.raises(ValueError,
@@ -178,7 +178,8 @@ def test_entry_point_plugins_load_without_import(tmp_path):
         print(create_algorithm("callalgo").train(model_path="m", data_path="d", ckpt_output_dir="o"))
     """, tmp_path)
     assert proc.returncode == 0, proc.stderr
-    assert "'callalgo', 'dpo', 'lora_sft', 'modalgo', 'osft', 'sft'" in proc.stdout
+    assert "'callalgo', 'dpo', 'embedding_sft', 'grpo', 'lora_grpo', 'lora_sft', 'modalgo', 'osft', 'sft'" \
+        in proc.stdout
     assert "'by': 'th_plugin_call'" in proc.stdout
     assert "training_hub plugin 'th_plugin_bad' (th_plugin_bad) failed to load: ImportError: missing dependency xyz" \
         in proc.stderr

@@ -16,7 +16,10 @@ class _ToRootOrStderr(_logging.StreamHandler):
 
     def emit(self, record: _logging.LogRecord) -> None:
         if _logging.root.handlers:
-            _logging.root.handle(record)
+            ours = _logging.getLogger("training_hub").handlers  # one also put here (pytest's capture) has it already
+            for handler in _logging.root.handlers:
+                if handler not in ours and record.levelno >= handler.level:
+                    handler.handle(record)
         else:
             super().emit(record)
 
@@ -50,6 +53,8 @@ from training_hub.backends.instructlab_training import InstructLabTrainingSFTBac
 from training_hub.backends.mini_trainer_osft import MiniTrainerOSFTBackend
 from training_hub.backends.sentence_transformers import SentenceTransformersBackend
 from training_hub.callbacks import TrainingContext, TrainingHubCallback, TrainingHubContext
+from training_hub.callbacks import TrainingHubControl, merge_default_callbacks
+from training_hub.jit_checkpoint import JITCheckpointCallback, RemoteCheckpointSyncCallback
 from training_hub.config.declare import ParameterError
 from training_hub.config.upstream import UpstreamParameterWarning
 
@@ -63,8 +68,21 @@ __all__ = [
     "TrainingHubContext", "TrainingResult", "UpstreamParameterWarning", "create_algorithm", "dpo", "embedding_sft", "lora_sft",
     "merge_adapter", "osft", "plot_loss", "sft",
     "GRPOAlgorithm", "GRPOConfig", "LoRAGRPOAlgorithm", "LoRAGRPOConfig", "binary_reward", "grpo", "lora_grpo",
-    "tool_call_reward",
+    "tool_call_reward", "welcome",
+    "JITCheckpointCallback", "RemoteCheckpointSyncCallback", "TrainingHubControl", "merge_default_callbacks",
+    "BasicEstimator", "LoRAEstimator", "OSFTEstimator", "OSFTEstimatorExperimental", "QLoRAEstimator", "estimate",
+    "plan", "time_estimate",
 ]
+
+# Planning (training_hub.planning): loaded on first use.
+_PLANNING = ("BasicEstimator", "LoRAEstimator", "OSFTEstimator", "OSFTEstimatorExperimental", "QLoRAEstimator",
+             "estimate", "plan", "time_estimate")
+
+
+def welcome() -> None:
+    """Upstream's greeting, with what this install offers: its version and algorithms."""
+    print(f"Hello from training-hub {__version__}! Algorithms: {', '.join(AlgorithmRegistry.list_algorithms())}. "
+          "`thub list` shows which backends run on this machine.")
 
 
 def __getattr__(name: str):
@@ -75,4 +93,7 @@ def __getattr__(name: str):
     if name == "plot_loss":
         from training_hub.plot import plot_loss
         return plot_loss
+    if name in _PLANNING:
+        from training_hub import planning
+        return getattr(planning, name)
     raise AttributeError(f"module 'training_hub' has no attribute {name!r}")

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any, Literal, Optional, Union
 
 from training_hub.config.declare import DeclaredConfig, closest, ignored, param, translated
+from training_hub.storage import storage_url
 
 
 # What a resumed run may change when the caller lists it in resume_changes (see engine/run.py).
@@ -22,7 +23,7 @@ class ModelIOParams(DeclaredConfig):
     group_title = "Model, data and output"
 
     model_path: str = param(doc="Hugging Face model directory (or hub id already in the local cache) to start from.")
-    data_path: str = param(doc="Training data: a .jsonl/.json/.parquet file, a directory of them, or a saved `datasets` dataset.")
+    data_path: str = param(doc="Training data: a .jsonl/.json/.parquet/.csv file, a directory of them, or a saved `datasets` dataset.")
     ckpt_output_dir: str = param(doc="Directory for checkpoints, metrics.jsonl and training state.")
     data_output_dir: Optional[str] = param(None, "Cache directory for processed data (default: <ckpt_output_dir>/data_cache).")
     validation_data_path: Optional[str] = param(None, "Held-out data in the training format; its loss is logged per epoch.")
@@ -142,6 +143,18 @@ class CheckpointParams(DeclaredConfig):
     keep_last_checkpoint_only: bool = param(
         False, "Upstream: keep only the newest checkpoint (same as keep_last_n_checkpoints=1).",
         upstream=translated("keep_last_n_checkpoints", lambda c: 1 if c.keep_last_checkpoint_only else None))
+    enable_jit_checkpoint: bool = param(
+        False, "Preemption-safe run: SIGTERM saves the training state at the end of the current step (the native "
+               "engine always does), and a restarted run with the same ckpt_output_dir or checkpoint_storage "
+               "continues from the newest complete state by itself, as with resume=True.")
+    on_demand_checkpointing: bool = param(
+        False, "Upstream (SFT/OSFT engines): the same as enable_jit_checkpoint.",
+        upstream=translated("enable_jit_checkpoint", lambda c: c.on_demand_checkpointing))
+    checkpoint_storage: Optional[str] = param(
+        None, "None or 'pvc': checkpoints live in ckpt_output_dir only. A storage URL (s3://bucket/prefix, or any "
+              "fsspec protocol): every checkpoint and training state is also mirrored there, each closed by an "
+              ".upload_complete marker, and a run whose ckpt_output_dir holds no state resumes from the newest "
+              "complete one there (implies enable_jit_checkpoint's resume).")
     accelerate_full_state_at_epoch: bool = param(
         True, "Upstream: save the full training state for resuming (instructlab-training backend). The native engine "
               "always writes it with every checkpoint; False is ignored there, with a warning.",
@@ -156,6 +169,10 @@ class CheckpointParams(DeclaredConfig):
                             f"{', '.join(RESUME_CHANGEABLE)}")
         if self.resume_changes and not self.resume:
             problems.append("resume_changes: only means something with resume=True")
+        try:
+            storage_url(self.checkpoint_storage)
+        except ValueError as exc:
+            problems.append(str(exc))
         return problems
 
 

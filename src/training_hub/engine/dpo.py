@@ -35,8 +35,8 @@ import torch.nn.functional as F
 
 from training_hub.data.sources import fingerprint
 from training_hub.engine import checkpoint as ckpt
-from training_hub.engine import distributed
-from training_hub.engine.batching import IGNORE_INDEX, Step, pack, pack_into_micro_batches, plan_epoch
+from training_hub.engine import distributed, plan, storage
+from training_hub.engine.batching import IGNORE_INDEX, Step, config_epoch, pack, pack_into_micro_batches
 from training_hub.engine.loss import num_targets, packed_logits
 from training_hub.engine.model import device_and_autocast, load_model
 from training_hub.engine.run import (
@@ -208,8 +208,7 @@ class DPORecipe:
                     time.perf_counter() - t0)
 
     def plan_epoch(self, epoch: int) -> list[Step]:
-        return plan_epoch(self.lengths, effective_batch_size=self.config.effective_batch_size,
-                          max_tokens_per_gpu=self.data.max_tokens, seed=self.config.seed, epoch=epoch)
+        return config_epoch(self.config, self.lengths, self.data.max_tokens, epoch)
 
     def train_step(self, step: Step, stop: Callable[[], bool]) -> StepOutcome:
         micros = [(micro, collate_pairs(self.data.train, micro, self.device)) for micro in step.micro_batches]
@@ -255,7 +254,7 @@ def train_dpo(config: Any) -> TrainingResult:
     from transformers import AutoTokenizer
 
     root = Path(config.ckpt_output_dir)
-    resume_from = ckpt.check_output_dir(root, config.resume)
+    resume_from = storage.open_output_dir(config, root)
     device, autocast, _ = device_and_autocast(config)
     seed_everything(config.seed)
 
@@ -269,6 +268,7 @@ def train_dpo(config: Any) -> TrainingResult:
         progress = Progress(plan=run_plan(config, fingerprint(config.data_path), max_tokens_per_gpu=data.max_tokens,
                                           num_train_samples=len(data.train)))
 
+        plan.check_fits(config, None, lambda: plan.dpo_run_data(data, tokenizer), device)  # CUDA: before loading
         model, save_dtype = load_model(config, device)
         trainable = [p for p in model.parameters() if p.requires_grad]
         optimizer, scheduler = optimizer_and_scheduler(config, trainable, total)

@@ -24,8 +24,8 @@ from training_hub.config.processes import in_torchrun_worker, launch_plan
 from training_hub.data.sources import fingerprint
 from training_hub.data.training import TrainingData, prepare_training_data
 from training_hub.engine import checkpoint as ckpt
-from training_hub.engine import distributed
-from training_hub.engine.batching import Step, pack, pack_into_micro_batches, plan_epoch
+from training_hub.engine import distributed, plan, storage
+from training_hub.engine.batching import Step, config_epoch, pack, pack_into_micro_batches
 from training_hub.engine.loss import num_targets, step_loss_and_backward, token_loss_sum
 from training_hub.engine.method import TrainingMethod
 from training_hub.engine.model import device_and_autocast, load_model
@@ -86,9 +86,8 @@ class SFTRecipe:
         self.lengths = data.train["length"]
 
     def plan_epoch(self, epoch: int) -> list[Step]:
-        return plan_epoch(self.lengths, effective_batch_size=self.config.effective_batch_size,
-                          max_tokens_per_gpu=self.data.max_tokens, seed=self.config.seed, epoch=epoch,
-                          num_ranks=self.ranks.world_size, rank=self.ranks.rank)
+        return config_epoch(self.config, self.lengths, self.data.max_tokens, epoch, num_ranks=self.ranks.world_size,
+                            rank=self.ranks.rank)
 
     def train_step(self, step: Step, stop: Callable[[], bool]) -> StepOutcome:
         """Forward/backward the step's micro-batches (the loss is the mean over the step's loss tokens, across
@@ -172,7 +171,7 @@ def train_sft_rank(config: Any, method: TrainingMethod, ranks: distributed.Ranks
     from transformers import AutoTokenizer
 
     root = Path(config.ckpt_output_dir)
-    resume_from = distributed.broadcast(ranks, ckpt.check_output_dir(root, config.resume) if ranks.is_main else None)
+    resume_from = distributed.broadcast(ranks, storage.open_output_dir(config, root) if ranks.is_main else None)
     device, autocast, compute = device_and_autocast(config)
     seed_everything(config.seed)
 
@@ -185,6 +184,7 @@ def train_sft_rank(config: Any, method: TrainingMethod, ranks: distributed.Ranks
         progress = Progress(plan=run_plan(config, fingerprint(config.data_path), max_tokens_per_gpu=data.max_tokens,
                                           num_train_samples=len(data.train), **method.plan_keys()))
 
+        plan.check_fits(config, method, lambda: plan.sft_run_data(data, tokenizer), device)  # CUDA: before loading
         raw, save_dtype = load_model(config, device)
         method.prepare_model(raw)
         model = distributed.wrap_model(raw, ranks, device,  # what the loop calls: raw, DDP(raw) or raw made FSDP2
