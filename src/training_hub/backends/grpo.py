@@ -144,6 +144,9 @@ class TRLGRPOBackend(NativeGRPOBackend):
             problems.append("resume: the trl grpo backend does not resume; use backend='native'")
         if config.save_samples:
             problems.append("save_samples: the trl grpo backend saves the final model only; use backend='native'")
+        for name in ("checkpoint_storage", "enable_jit_checkpoint"):
+            if getattr(config, name, None) not in (None, False, "pvc"):
+                problems.append(f"{name}: the trl grpo backend neither mirrors nor resumes; use backend='native'")
         return problems
 
     def run(self, config: Any, given: set[str], options: Dict[str, Any]) -> Any:

@@ -39,8 +39,8 @@ class EmbeddingParams(DeclaredConfig):
                                                 "(multiple negatives ranking, on same-label pairs built from the "
                                                 "labels).")
     loss_fn: Callable = param(None, "A sentence-transformers loss (or a callable taking the model and returning "
-                                    "one) used instead of loss_type; it reads the data's columns as they are.",
-                              cli=False)
+                                    "one) used instead of loss_type; it reads the data's columns as they are; on the "
+                                    "command line a dotted path.")
     num_epochs: int = param(20, "Passes over the training data (upstream's embedding_sft default).", gt=0)
     batch_size: int = param(32, "Texts (mnrl: pairs) per batch; in-batch triplets and negatives come from it.", gt=0)
     warmup_ratio: float = param(0.1, "Linear warmup over this fraction of the steps (warmup_steps > 0 overrides it).",

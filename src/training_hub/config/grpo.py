@@ -33,10 +33,10 @@ class GRPOParams(DeclaredConfig):
     data_source: str = param("generic", "The data_source passed to reward_fn (a row's own 'data_source' wins).")
     reward_fn: Optional[Callable] = param(
         None, "reward_fn(data_source=, solution_str=, ground_truth=, **row_fields) -> float (default: 1.0 when the "
-              "completion, stripped, equals the ground truth).", cli=False)
+              "completion, stripped, equals the ground truth); on the command line a dotted path (my_module.fn).")
     rollout_fn: Optional[Callable] = param(
         None, "Upstream ART custom rollouts (async, over an OpenAI client); not supported by the native and trl "
-              "backends, which generate with the policy itself: give data_path or tasks and a reward_fn.", cli=False)
+              "backends, which generate with the policy itself: give data_path or tasks and a reward_fn.")
     num_iterations: int = param(15, "GRPO iterations: batches of prompts generated, scored and trained on.", gt=0)
     group_size: int = param(8, "Completions sampled per prompt; advantages are relative to the group.", ge=2)
     prompt_batch_size: int = param(100, "Prompts per iteration (at most the number of training rows).", gt=0)
@@ -56,7 +56,7 @@ class GRPOParams(DeclaredConfig):
         None, "Token budget of one training micro-batch (default: max(4096, longest prompt + max_tokens)).", gt=0)
     iteration_callback: Optional[Callable] = param(
         None, "Called after every iteration as iteration_callback(iteration, results) with results['reward_history'], "
-              "'mean_reward', ...", cli=False)
+              "'mean_reward', ...; on the command line a dotted path.")
     n_gpus: int = param(1, "Processes (GPUs) per node; the built-in backends train in one process.", gt=0)
     nnodes: int = param(1, "Number of nodes; the built-in backends train on one.", gt=0)
     trust_remote_code: bool = param(False, "Allow model code from the model directory (transformers' trust_remote_code).")

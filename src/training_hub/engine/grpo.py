@@ -39,7 +39,7 @@ import torch.nn.functional as F
 
 from training_hub.data.grpo import RewardAdapter, Task, callable_name, load_tasks, tasks_fingerprint
 from training_hub.engine import checkpoint as ckpt
-from training_hub.engine import distributed
+from training_hub.engine import distributed, storage
 from training_hub.engine.batching import IGNORE_INDEX, Step, pack, pack_into_micro_batches
 from training_hub.engine.loss import packed_logits
 from training_hub.engine.method import TrainingMethod
@@ -359,7 +359,7 @@ def train_grpo(config: Any, method: TrainingMethod | None = None) -> TrainingRes
     """Train ``config.model_path`` with GRPO on the prompts of ``config.data_path`` (or ``config.tasks``)."""
     method = method or TrainingMethod()
     root = Path(config.ckpt_output_dir)
-    resume_from = ckpt.check_output_dir(root, config.resume)
+    resume_from = storage.open_output_dir(config, root)  # checkpoint_storage / enable_jit_checkpoint resume
     device, autocast, _ = device_and_autocast(config)
     seed_everything(config.seed)
     tokenizer = load_tokenizer(config)
