@@ -82,3 +82,24 @@ def test_settings_that_cannot_work_as_meant_are_named_before_training(tiny_model
     text = caplog.text
     assert "warmup_steps=5 is not below the run's 1 optimizer steps" in text
     assert "effective_batch_size=64 is larger than the 48 training samples" in text
+
+
+def test_trl_resume_refuses_different_data_and_settings(tiny_model_dir, chat_data, tmp_path):
+    pytest.importorskip("trl")
+    out = tmp_path / "trl"
+    trl = dict(backend="trl", max_tokens_per_gpu=8 * 128, save_samples=8)
+    run(tiny_model_dir, chat_data, out, max_steps=1, **trl)
+    assert json.loads((out / "trl_state" / "run_plan.json").read_text())["backend"] == "trl"
+    other = tmp_path / "other.jsonl"
+    lines = chat_data.read_text().splitlines()
+    other.write_text("\n".join(lines[1:] + lines[:1]) + "\n")
+    with pytest.raises(ValueError, match="the training data's content changed"):
+        run(tiny_model_dir, other, out, max_steps=1, resume=True, **trl)
+    with pytest.raises(ValueError, match=r"learning_rate: saved 0\.001, now 0\.002") as info:
+        run(tiny_model_dir, chat_data, out, max_steps=1, resume=True, learning_rate=2e-3, **trl)
+    assert "resume_changes" not in str(info.value)  # trl cannot apply them, so it does not suggest them
+    with pytest.raises(ValueError, match="resume_changes: the trl backend continues a run exactly as saved"):
+        run(tiny_model_dir, chat_data, out, max_steps=1, resume=True, learning_rate=2e-3,
+            resume_changes=["learning_rate"], **trl)
+    result = run(tiny_model_dir, chat_data, out, max_steps=1, resume=True, **trl)  # the same run: it continues
+    assert result.status == "success"

@@ -47,6 +47,7 @@ logger = logging.getLogger("training_hub")
 
 METRICS_FILE = "metrics.jsonl"
 STATE_DIR = "trl_state"
+PLAN_FILE = "run_plan.json"  # in STATE_DIR: what a resumed run must share with this one
 HF_DIR = "hf_format"
 MERGED_DIR = "merged"
 
@@ -74,6 +75,9 @@ def _unsupported(config, algorithm: str) -> list[str]:
     if fsdp_cpu_offload(config.fsdp_options):
         problems.append("fsdp_options: CPU offload is not wired into the trl backend (use backend='native' with "
                         "strategy='fsdp2')")
+    if config.resume_changes:
+        problems.append("resume_changes: the trl backend continues a run exactly as saved (TRL restores its "
+                        "schedule from the checkpoint); use backend='native' to resume with changed settings")
     if config.save_samples and config.checkpoint_at_epoch:
         problems.append("save_samples/checkpoint_at_epoch: the trl backend saves either every N samples or at "
                         "every epoch, not both")
@@ -127,12 +131,26 @@ def _check_output_dir(root: Path, resume: bool) -> str | None:
     return None
 
 
-def _open_output_dir(config, root: Path) -> str | None:
+def _open_output_dir(config, root: Path) -> tuple[str | None, dict]:
     """:func:`_check_output_dir` after ``checkpoint_storage``'s restore; with ``enable_jit_checkpoint`` or a storage
-    URL a run resumes from its newest checkpoint by itself (``engine.storage.open_output_dir``)."""
+    URL a run resumes from its newest checkpoint by itself (``engine.storage.open_output_dir``). Returns the TRL
+    checkpoint to resume from and this call's run plan, which a resumed run must share with the saved one (the
+    same settings and the same data bytes, as the native engine requires); save it with :func:`_save_run_plan`."""
+    from training_hub.data.sources import fingerprint
+    from training_hub.engine.run import Progress, run_plan
     from training_hub.engine.storage import open_output_dir
 
-    return open_output_dir(config, root, kind=STATE_DIR, check=_check_output_dir)
+    resume_from = open_output_dir(config, root, kind=STATE_DIR, check=_check_output_dir)
+    plan = run_plan(config, fingerprint(config.data_path), backend="trl")
+    saved = root / STATE_DIR / PLAN_FILE
+    if resume_from is not None and saved.is_file():  # TRL's own resume would continue on changed data silently
+        Progress(plan=plan).restore({"plan": json.loads(saved.read_text())}, changeable=frozenset())
+    return resume_from, plan
+
+
+def _save_run_plan(root: Path, plan: dict) -> None:
+    (root / STATE_DIR).mkdir(parents=True, exist_ok=True)
+    (root / STATE_DIR / PLAN_FILE).write_text(json.dumps(plan, indent=1, sort_keys=True))
 
 
 # ------------------------------------------------------------------------------------------------ arguments
@@ -432,9 +450,10 @@ class TRLSFTBackend(_TRLBackend):
         if config.validation_data_path:
             validation = [{"messages": r["messages"]} for r in read_records(config.validation_data_path).items]
         root = Path(config.ckpt_output_dir)
-        resume_from = _open_output_dir(config, root)
+        resume_from, plan = _open_output_dir(config, root)
         from training_hub.fsutil import claim_directory
         with claim_directory(root):  # creates root; one live run per output directory
+            _save_run_plan(root, plan)
 
             from datasets import Dataset
             from trl import SFTConfig as TRLSFTConfig
@@ -552,9 +571,10 @@ class TRLDPOBackend(_TRLBackend):
         if config.validation_data_path:
             validation = load_preference_data(config.validation_data_path)
         root = Path(config.ckpt_output_dir)
-        resume_from = _open_output_dir(config, root)
+        resume_from, plan = _open_output_dir(config, root)
         from training_hub.fsutil import claim_directory
         with claim_directory(root):  # creates root; one live run per output directory
+            _save_run_plan(root, plan)
 
             from trl import DPOConfig as TRLDPOConfig
             from trl import DPOTrainer

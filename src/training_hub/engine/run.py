@@ -106,10 +106,11 @@ class Progress:
     def state(self, elapsed: float) -> dict:
         return {**dataclasses.asdict(self), "elapsed": elapsed}
 
-    def restore(self, saved: dict, allowed: set[str] = frozenset()) -> list[str]:
+    def restore(self, saved: dict, allowed: set[str] = frozenset(),
+                changeable: tuple[str, ...] | frozenset[str] = RESUME_CHANGEABLE) -> list[str]:
         """Continue from a saved state. Its plan must equal this run's, except the names in ``allowed`` (the
         caller's ``resume_changes``); returns the allowed names that did change. Keys an older state did not
-        record are not compared."""
+        record are not compared. ``changeable``: the names the refusal may suggest passing in resume_changes."""
         plan = saved.get("plan", saved)  # states of version 0.1 kept the plan keys at the top level
         changed = {k: (plan[k], v) for k, v in self.plan.items() if k in plan and plan[k] != v}
         refused = [k for k in changed if k not in allowed]
@@ -117,7 +118,7 @@ class Progress:
             lines = "; ".join("the training data's content changed (data_path's bytes hash differently)"
                               if k == "data_sha256" else f"{k}: saved {changed[k][0]!r}, now {changed[k][1]!r}"
                               for k in refused)
-            may = [k for k in refused if k in RESUME_CHANGEABLE]
+            may = [k for k in refused if k in changeable]
             hint = (f" To continue with the new {', '.join(may)}, pass resume_changes={may!r}." if may else "")
             raise ValueError(f"resume=True continues the same run, but these differ from the run in the output "
                              f"directory: {lines}.{hint} Otherwise use the original values, or a new ckpt_output_dir "
