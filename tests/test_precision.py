@@ -114,3 +114,21 @@ def test_auto_keeps_tiny_models_in_fp32_on_cpu(monkeypatch):
     assert precision.autocast_dtype("auto", cpu, hidden_size=precision.CPU_BF16_MIN_HIDDEN) == torch.bfloat16
     assert precision.autocast_dtype("bfloat16", cpu, hidden_size=64) == torch.bfloat16  # asked for: given
     assert precision.autocast_dtype("auto", torch.device("cuda"), hidden_size=64) == torch.bfloat16
+
+
+def test_a_busy_cpu_is_warned_about(monkeypatch, caplog):
+    import os
+
+    import torch
+
+    from training_hub.engine import model
+
+    cores = len(os.sched_getaffinity(0))
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    monkeypatch.setattr(os, "getloadavg", lambda: (4.0 * cores, 0.0, 0.0))
+    model.warn_if_cpu_is_busy()
+    assert "this machine is busy" in caplog.text and "OMP_NUM_THREADS=1" in caplog.text
+    caplog.clear()
+    monkeypatch.setattr(os, "getloadavg", lambda: (0.5, 0.0, 0.0))
+    model.warn_if_cpu_is_busy()
+    assert "busy" not in caplog.text
