@@ -69,9 +69,10 @@ def dry_run(tokens_per_gpu: int = 16384) -> dict:
     logits = 10 * CHUNK_ELEMENTS  # one chunk: bf16 logits, their fp32 copy and the gradient
     budgets = {}
     for name, (count, memory_gib) in GPUS.items():
-        for strategy in (("single",) if count == 1 else ("ddp", "fsdp2")):
+        for strategy in (("single", "single+bf16-moments") if count == 1 else ("ddp", "fsdp2")):
             shard = count if strategy == "fsdp2" else 1
-            state = 16 * params // shard  # fp32 weights + grads + AdamW moments
+            # fp32 weights + grads + AdamW moments (optimizer_state_dtype="bfloat16": moments in bf16, 12 bytes)
+            state = (12 if strategy.endswith("bf16-moments") else 16) * params // shard
             copies = 2 * 2 * layer_params if strategy == "fsdp2" else 2 * params  # 2 gathered bf16 layers / autocast
             buckets = 4 * params if strategy == "ddp" else 0  # DDP's gradient buckets
             total = state + copies + buckets + activations + logits

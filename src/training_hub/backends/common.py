@@ -132,6 +132,13 @@ def add_lora_models(result: Any, config: Any) -> Any:
     return result
 
 
+def native_only_problems(config: Any) -> list[str]:
+    """The settings only our own engine implements, for the refusals of the other backends."""
+    if getattr(config, "optimizer_state_dtype", "float32") != "float32":
+        return ["optimizer_state_dtype: bf16 optimizer states are the native engine's (use backend='native')"]
+    return []
+
+
 class BuiltinBackend(Backend):
     """A backend shipped with training_hub. Subclasses set ``name``/``algorithm``, ``config_class()``,
     ``refusals()`` (what they cannot take) and ``run(config, given, options)`` (the training)."""

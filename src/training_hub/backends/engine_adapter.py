@@ -39,7 +39,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, ClassVar, Dict
 
-from training_hub.backends.common import BuiltinBackend
+from training_hub.backends.common import BuiltinBackend, native_only_problems
 from training_hub.config.processes import launch_plan
 from training_hub.data.training import prepare_training_data
 from training_hub.registry import Availability
@@ -433,7 +433,7 @@ class EngineAdapter(BuiltinBackend):
     @classmethod
     def refusals(cls, config, given: set[str]) -> list[str]:
         """The given parameters the engine has no setting for (``rules``); used to choose the default backend."""
-        return unsupported(config, given, cls.rules)
+        return native_only_problems(config) + unsupported(config, given, cls.rules)
 
     @classmethod
     def passthrough_params(cls) -> frozenset[str]:

@@ -20,7 +20,7 @@ import json
 from pathlib import Path
 from typing import Any, ClassVar, Dict
 
-from training_hub.backends.common import BuiltinBackend, add_lora_models, availability_of
+from training_hub.backends.common import BuiltinBackend, add_lora_models, availability_of, native_only_problems
 from training_hub.config.grpo import GRPOConfig, LoRAGRPOConfig
 from training_hub.registry import Availability
 
@@ -139,7 +139,7 @@ class TRLGRPOBackend(NativeGRPOBackend):
 
     @classmethod
     def refusals(cls, config: Any, given: set[str]) -> list[str]:
-        problems = super().refusals(config, given)
+        problems = super().refusals(config, given) + native_only_problems(config)
         if config.resume:
             problems.append("resume: the trl grpo backend does not resume; use backend='native'")
         if config.save_samples:

@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 from typing import Any, ClassVar, Dict
 
-from training_hub.backends.common import BuiltinBackend, availability_of
+from training_hub.backends.common import BuiltinBackend, availability_of, native_only_problems
 from training_hub.config.embedding import LOSS_REGISTRY, TRIPLET_LOSSES, EmbeddingSFTConfig
 from training_hub.registry import Availability
 
@@ -250,6 +250,10 @@ class SentenceTransformersBackend(BuiltinBackend):
         if sys.modules.get("sentence_transformers") is not None:  # already imported: nothing to look for
             return availability_of(tuple(n for n in cls.needs if n != "sentence_transformers"), cls.install_hint)
         return availability_of(cls.needs, cls.install_hint)
+
+    @classmethod
+    def refusals(cls, config: Any, given: set[str]) -> list[str]:
+        return native_only_problems(config)
 
     @classmethod
     def config_class(cls) -> type:

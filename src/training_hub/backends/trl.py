@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Dict
 
 from training_hub.backends.common import (
-    BuiltinBackend, add_lora_models, availability_of, missing_modules, qlora_problems,
+    BuiltinBackend, add_lora_models, availability_of, missing_modules, native_only_problems, qlora_problems,
 )
 from training_hub.backends import trl_checkpoints
 from training_hub.backends.trl_bridge import hub_bridge
@@ -66,7 +66,7 @@ _LOG_KEYS = {
 
 def _unsupported(config, algorithm: str) -> list[str]:
     """What TRL cannot do with this config here: each a line of the one ValueError raised before any work."""
-    problems = []
+    problems = native_only_problems(config)
     if not in_torchrun_worker() and process_count(config) > 1:
         problems.append("nproc_per_node/nnodes: the trl backend runs in the calling process; for several "
                         "processes launch your script with torchrun (or use backend='native')")

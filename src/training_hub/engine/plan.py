@@ -260,11 +260,13 @@ def traced_activations(model, mode, rows: list[dict], compute: torch.dtype | Non
     return peak
 
 
-def state_bytes(model) -> dict:
-    """Parameters, gradients and AdamW state (two moments and a step counter per trainable tensor)."""
+def state_bytes(model, moments_dtype: str = "float32") -> dict:
+    """Parameters, gradients and AdamW state (two moments, in the parameters' dtype or bf16, and a step counter per
+    trainable tensor)."""
     trainable = {id(p): p for p in model.parameters() if p.requires_grad}.values()
     grads = sum(p.numel() * p.element_size() for p in trainable)
-    return {"parameters": parameter_bytes(model), "gradients": grads, "optimizer": 2 * grads + 4 * len(trainable)}
+    moments = 2 * (grads if moments_dtype == "float32" else sum(p.numel() * 2 for p in trainable))
+    return {"parameters": parameter_bytes(model), "gradients": grads, "optimizer": moments + 4 * len(trainable)}
 
 
 def per_device(states: dict, activations: int, strategy: str, world: int) -> dict:
@@ -307,7 +309,8 @@ def predict_memory(config: Any, make_method: Callable[[], Any], rows: list[dict]
     one_layer = 0
     for ckpt in (False, True) if both else (checkpointing,):
         model, mode = fake_model(config, make_method, ckpt)
-        states, activations = state_bytes(model), traced_activations(model, mode, rows, compute)
+        states = state_bytes(model, getattr(config, "optimizer_state_dtype", "float32"))
+        activations = traced_activations(model, mode, rows, compute)
         logits = loss_buffer(model, rows)
         layers = max(1, getattr(model.config.get_text_config(), "num_hidden_layers", 1))
         if not ckpt:  # one layer's share: what checkpointing recomputes at once in the backward pass

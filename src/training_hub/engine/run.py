@@ -239,9 +239,16 @@ def total_steps(config: Any, num_samples: int) -> tuple[int, int]:
 
 
 def optimizer_and_scheduler(config: Any, trainable: list, total: int):
-    """AdamW over ``trainable`` (fused: one kernel) and the learning-rate schedule."""
-    optimizer = torch.optim.AdamW(trainable, lr=config.learning_rate, betas=(config.beta1, config.beta2),
-                                  eps=config.eps, weight_decay=config.weight_decay, fused=True)
+    """AdamW over ``trainable`` (fused: one kernel; with ``optimizer_state_dtype="bfloat16"`` our bf16-moment
+    AdamW, :mod:`training_hub.engine.optim`) and the learning-rate schedule."""
+    hyper = dict(lr=config.learning_rate, betas=(config.beta1, config.beta2), eps=config.eps,
+                 weight_decay=config.weight_decay)
+    if getattr(config, "optimizer_state_dtype", "float32") == "bfloat16":
+        from training_hub.engine.optim import AdamWBF16States
+
+        optimizer: torch.optim.Optimizer = AdamWBF16States(trainable, **hyper)
+    else:
+        optimizer = torch.optim.AdamW(trainable, **hyper, fused=True)
     scheduler = build_scheduler(optimizer, name=config.lr_scheduler, warmup_steps=config.warmup_steps,
                                 total_steps=total, scheduler_kwargs=config.lr_scheduler_kwargs)
     return optimizer, scheduler
