@@ -81,6 +81,16 @@ def test_rows_and_reward_adapter(tmp_path):
         with pytest.raises(ValueError, match=r"reward_fn <lambda> returned .* for the row at .*rows.jsonl:1"):
             RewardAdapter(lambda **kw: bad, "generic")(train[0], "out")
 
+    def failing(**kw):
+        return {}["missing"]
+
+    from training_hub.data.grpo import RewardFunctionError
+
+    with pytest.raises(RewardFunctionError, match=r"reward_fn failing raised KeyError: 'missing' for the row at "
+                                                  r".*rows.jsonl:1 .*solution_str='out'") as info:
+        RewardAdapter(failing, "generic")(train[0], "out")
+    assert isinstance(info.value.__cause__, KeyError)
+
 
 def test_bad_rows_name_file_line_and_field(tmp_path):
     from training_hub.data.errors import DataValidationError

@@ -123,6 +123,10 @@ def callable_name(fn: Callable | None) -> str | None:
     return f"{getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', type(fn).__name__)}"
 
 
+class RewardFunctionError(RuntimeError):
+    """The user's ``reward_fn`` raised; the message names the row and the completion it was scoring."""
+
+
 class RewardAdapter:
     """Calls a ``grpo()`` reward function on a task's completion and checks that it returns a finite number."""
 
@@ -144,8 +148,15 @@ class RewardAdapter:
 
     def __call__(self, task: Task, completion: str) -> float:
         source = task.extra.get("data_source", self.data_source)
-        value = self.fn(data_source=source, solution_str=completion, ground_truth=task.ground_truth,
-                        **self.extra_for(task))
+        try:
+            value = self.fn(data_source=source, solution_str=completion, ground_truth=task.ground_truth,
+                            **self.extra_for(task))
+        except Exception as exc:  # the user's function: say which call failed, keep its traceback as the cause
+            name = getattr(self.fn, "__name__", repr(self.fn))
+            raise RewardFunctionError(
+                f"reward_fn {name} raised {type(exc).__name__}: {exc} for the row at {task.where} (ground_truth="
+                f"{task.ground_truth!r}, solution_str={completion[:200]!r}); nothing of this iteration was applied")\
+                from exc
         try:  # a float, int, bool, numpy or 0-d torch number; not text
             number = float(value) if not isinstance(value, (str, bytes)) else math.nan
         except (TypeError, ValueError):
