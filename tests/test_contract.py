@@ -48,6 +48,9 @@ def test_declaration_round_trip(algo):
                                             **({"data_path": "train.jsonl"} if in_memory else {})})
     again = validate_params(config_class, config.to_dict())
     assert again == config
+    from training_hub.callbacks import algorithm_of
+
+    assert algorithm_of(config) == algo  # what callbacks and loggers see as ctx.algorithm
     for name, spec in param_specs(config_class).items():
         if not spec.required and name not in in_memory:
             assert getattr(config, name) == spec.default

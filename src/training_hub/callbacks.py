@@ -109,15 +109,9 @@ class TrainingHubCallback:
         """After training, with the run's result (a :class:`training_hub.TrainingResult`)."""
 
 
-_ALGORITHMS = {"SFTConfig": "sft", "OSFTConfig": "osft", "LoRASFTConfig": "lora_sft", "DPOConfig": "dpo"}
-
-
 def algorithm_of(config: Any) -> str:
-    """The algorithm name of a built-in config (the class name for others)."""
-    for klass in type(config).__mro__:
-        if klass.__name__ in _ALGORITHMS:
-            return _ALGORITHMS[klass.__name__]
-    return type(config).__name__
+    """The algorithm name a built-in config declares (``algorithm_name``); the class name for others."""
+    return getattr(type(config), "algorithm_name", None) or type(config).__name__
 
 
 def make_context(config: Any, backend: str) -> TrainingContext:

@@ -290,8 +290,7 @@ class SentenceTransformersBackend(BuiltinBackend):
             from training_hub.backends.trl_bridge import hub_bridge
 
             callback = _metrics_callback(root / METRICS_FILE, None)
-            bridge = hub_bridge(config, callback.record)
-            bridge.ctx.algorithm, bridge.ctx.backend = self.algorithm, self.name
+            bridge = hub_bridge(config, callback.record, backend=self.name)
             kwargs["callbacks"] = [callback, bridge]
         if "evaluator" in takes and held_out is not None and not config.custom_loss:
             kwargs["evaluator"] = _label_evaluator([r["text"] for r in held_out.rows],

@@ -23,14 +23,15 @@ from training_hub.callbacks import CallbackList, make_context
 logger = logging.getLogger("training_hub")
 
 
-def hub_bridge(config, record_fn):
-    """A TrainerCallback calling ``config.callbacks``; ``record_fn(state, logs)`` -> (kind, record) or None."""
+def hub_bridge(config, record_fn, backend: str = "trl"):
+    """A TrainerCallback calling ``config.callbacks``; ``record_fn(state, logs)`` -> (kind, record) or None;
+    ``backend``: the name hooks see in ``ctx.backend`` (another Trainer-based backend passes its own)."""
     from transformers import TrainerCallback
 
     class HubCallbackBridge(TrainerCallback):
         def __init__(self):
             self.hub = CallbackList(config.callbacks)
-            self.ctx = make_context(config, "trl")
+            self.ctx = make_context(config, backend)
             self.main = True
             self.warned = False
 

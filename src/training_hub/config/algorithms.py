@@ -25,6 +25,8 @@ class SFTConfig(DistributedParams, LoggingParams, CheckpointParams, RuntimeParam
                 OptimizerParams, SFTDataParams, LengthParams, ModelIOParams):
     """Every parameter of ``sft()``; the engine groups are shared with the other algorithms."""
 
+    algorithm_name = "sft"  # what callbacks and loggers call the run (ctx.algorithm)
+
 
 # ------------------------------------------------------------------------------------------------ osft
 
@@ -57,6 +59,8 @@ class OSFTParams(DeclaredConfig):
 class OSFTConfig(OSFTParams, DistributedParams, LoggingParams, CheckpointParams, RuntimeParams, BatchParams,
                  ScheduleParams, OptimizerParams, SFTDataParams, LengthParams, ModelIOParams):
     """Every parameter of ``osft()``: all of ``sft()``'s (engine, data, checkpoints) plus the OSFT ones."""
+
+    algorithm_name = "osft"
 
 
 # ------------------------------------------------------------------------------------------------ lora_sft
@@ -194,6 +198,8 @@ class LoRAUpstreamParams(DeclaredConfig):
 class LoRASFTConfig(LoRAUpstreamParams, LoRAParams, SFTConfig):
     """Every parameter of ``lora_sft()``: all of ``sft()``'s plus the LoRA ones."""
 
+    algorithm_name = "lora_sft"
+
 
 # ------------------------------------------------------------------------------------------------ dpo
 
@@ -218,6 +224,8 @@ class DPOParams(DeclaredConfig):
 class DPOConfig(DPOParams, DistributedParams, LoggingParams, CheckpointParams, RuntimeParams, BatchParams,
                 ScheduleParams, OptimizerParams, LengthParams, ModelIOParams):
     """Every parameter of ``dpo()``: the engine groups shared with the other algorithms plus the DPO ones."""
+
+    algorithm_name = "dpo"
 
     def checks(self) -> list[str]:
         problems = super().checks()

@@ -76,6 +76,8 @@ class EmbeddingSFTConfig(EmbeddingParams, LoggingParams, ScheduleParams, Optimiz
     """Every parameter of ``embedding_sft()``: upstream's fourteen plus the shared optimizer, schedule and logging
     groups."""
 
+    algorithm_name = "embedding_sft"
+
     @property
     def effective_batch_size(self) -> int:
         """Texts per optimizer step (one process): what the callback bridge counts samples in."""

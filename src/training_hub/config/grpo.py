@@ -126,6 +126,8 @@ _LR_DOC = "Peak learning rate (upstream's default, 1e-5, suits billion-parameter
 class GRPOConfig(GRPOUpstreamParams, LoggingParams, CheckpointParams, RuntimeParams, OptimizerParams, GRPOParams):
     """Every parameter of ``grpo()``: full-parameter GRPO."""
 
+    algorithm_name = "grpo"
+
     learning_rate: float = param(1e-5, _LR_DOC, gt=0.0)
 
 
@@ -140,6 +142,8 @@ class LoRAGRPOParams(LoRAParams):
 class LoRAGRPOConfig(GRPOUpstreamParams, LoRAGRPOParams, LoggingParams, CheckpointParams, RuntimeParams,
                      OptimizerParams, GRPOParams):
     """Every parameter of ``lora_grpo()``: GRPO training LoRA adapters on a frozen base model."""
+
+    algorithm_name = "lora_grpo"
 
     learning_rate: float = param(1e-5, _LR_DOC, gt=0.0)
     max_grad_norm: Optional[float] = param(0.1, "Clip the global gradient norm to this value (None: no clipping).",
