@@ -171,13 +171,7 @@ def enqueue_checkpoint_upload(checkpoint_dir: str | Path, base_dir: str | Path |
     base = Path(base_dir).resolve() if base_dir else source.parent
     prefix = _relative(source, base)
     staged = base / STAGING_DIR / prefix
-    shutil.rmtree(staged, ignore_errors=True)
-    staged.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        shutil.copytree(source, staged, copy_function=os.link)
-    except OSError:
-        shutil.rmtree(staged, ignore_errors=True)
-        shutil.copytree(source, staged)
+    storage.stage(source, staged)
     uploader.queue.put((str(staged), prefix))
 
 

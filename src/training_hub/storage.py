@@ -49,6 +49,18 @@ def storage_url(value: Any) -> str | None:
                      f"as 's3://bucket/prefix' (any fsspec protocol); got {value!r}")
 
 
+def stage(source: Path, staged: Path) -> None:
+    """``source`` copied to ``staged`` for an upload, as hard links where the file system allows (instant, no
+    space; deleting or rewriting the original cannot cut the upload short), else as a real copy."""
+    shutil.rmtree(staged, ignore_errors=True)
+    staged.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        shutil.copytree(source, staged, copy_function=os.link)
+    except OSError:
+        shutil.rmtree(staged, ignore_errors=True)
+        shutil.copytree(source, staged)
+
+
 class CheckpointStorageError(RuntimeError):
     """A mirror upload failed (the local checkpoints are intact), or the storage cannot be reached."""
 
@@ -202,12 +214,7 @@ class Mirror:
         import uuid
 
         staged = self.root / STAGING_DIR / uuid.uuid4().hex / relative  # its own copy: the same name may come again
-        staged.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            shutil.copytree(local, staged, copy_function=os.link)
-        except OSError:
-            shutil.rmtree(staged, ignore_errors=True)
-            shutil.copytree(local, staged)
+        stage(Path(local), staged)
         self.queue.put((relative, staged))
 
     def _work(self) -> None:
