@@ -18,6 +18,7 @@ class NativeSFTBackend(BuiltinBackend):
     name, algorithm = "native", "sft"
     needs: ClassVar[tuple[str, ...]] = ("torch", "transformers", "datasets")
     install_hint: ClassVar[str] = "pip install training-hub"
+    upstream_handles: ClassVar[tuple[str, ...]] = ("use_liger",)  # on CUDA with liger-kernel: engine.loss
 
     @classmethod
     def is_available(cls) -> Availability:
@@ -93,6 +94,7 @@ class NativeDPOBackend(NativeSFTBackend):
     """DPO (sigmoid loss) in our own loop: reference log-probs computed once, pairs packed without padding."""
 
     algorithm = "dpo"
+    upstream_handles: ClassVar[tuple[str, ...]] = ()  # its loss is on sequence log-probs: no Liger kernel used
 
     @classmethod
     def config_class(cls) -> type:

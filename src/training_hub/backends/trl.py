@@ -26,6 +26,7 @@ How our parameters map onto TRL / ``transformers.TrainingArguments``:
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 import logging
 import os
@@ -216,7 +217,7 @@ def training_arguments(config, args_class: type, *, root: Path, row_tokens: int,
         bf16=bf16,
         fp16=False,
         use_cpu=not cuda,
-        use_liger_kernel=config.use_liger and cuda,
+        use_liger_kernel=config.use_liger and cuda and importlib.util.find_spec("liger_kernel") is not None,
         logging_steps=1,  # metrics.jsonl gets every optimizer step
         disable_tqdm=config.disable_progress_bar,
         save_total_limit=config.keep_last_n_checkpoints,

@@ -124,10 +124,12 @@ class RuntimeParams(DeclaredConfig):
         None, "Recompute activations in the backward pass to save memory (about 8 MB per token at 8B parameters); "
               "None: on with CUDA, off on CPU (where memory is rarely the limit and recomputing costs a third more).")
     use_liger: bool = param(
-        False, "Use Liger kernels (CUDA only; ignored with a warning elsewhere).",
-        upstream=ignored("Liger kernels are CUDA-only and used only by the trl, instructlab-training and mini-trainer "
-                         "backends on a CUDA machine; the native engine has no Liger integration (it already skips "
-                         "full-vocabulary logits for prompt tokens)"))
+        False, "Use Liger kernels on CUDA (needs liger-kernel): the native engine computes its output loss with Liger's "
+               "fused linear cross-entropy, trl turns on its Liger integration. Ignored with a warning without CUDA "
+               "or liger-kernel.",
+        upstream=ignored("Liger kernels need CUDA and the liger-kernel package (and the native engine uses them only for "
+                         "sft, osft and lora_sft); without them it computes the output loss in chunks itself, which "
+                         "never holds full-vocabulary logits either"))
 
 
 @dataclass(kw_only=True)

@@ -26,7 +26,7 @@ from training_hub.data.training import TrainingData, prepare_training_data
 from training_hub.engine import checkpoint as ckpt
 from training_hub.engine import distributed, plan, storage
 from training_hub.engine.batching import Step, config_epoch, pack, pack_into_micro_batches
-from training_hub.engine.loss import num_targets, step_loss_and_backward, token_loss_sum
+from training_hub.engine.loss import fused_head_loss, num_targets, step_loss_and_backward, token_loss_sum
 from training_hub.engine.method import TrainingMethod
 from training_hub.engine.model import device_and_autocast, load_model
 from training_hub.engine.run import (
@@ -84,6 +84,7 @@ class SFTRecipe:
         self.data, self.tokenizer, self.raw, self.model, self.save_dtype = data, tokenizer, raw, model, save_dtype
         self.trainable, self.optimizer, self.scheduler, self.root = trainable, optimizer, scheduler, root
         self.lengths = data.train["length"]
+        self.head_loss = fused_head_loss(getattr(config, "use_liger", False), device)  # None: our chunked loss
 
     def plan_epoch(self, epoch: int) -> list[Step]:
         return config_epoch(self.config, self.lengths, self.data.max_tokens, epoch, num_ranks=self.ranks.world_size,
@@ -99,11 +100,11 @@ class SFTRecipe:
             (global_targets,) = distributed.all_sum(ranks, sum(num_targets(row) for row in rows))
             loss, loss_tokens = step_loss_and_backward(
                 model, rows, self.autocast, total_targets=int(global_targets), grad_scale=ranks.world_size,
-                accumulate=distributed.no_sync(model))
+                accumulate=distributed.no_sync(model), head_loss=self.head_loss)
             loss, stopping = distributed.all_sum(ranks, loss, float(stop()))
             stopped = stopping > 0  # every rank stops after the same step
         else:
-            loss, loss_tokens = step_loss_and_backward(model, rows, self.autocast)
+            loss, loss_tokens = step_loss_and_backward(model, rows, self.autocast, head_loss=self.head_loss)
             stopped = None
         self.method.before_step(self.raw)
         clip = self.config.max_grad_norm or float("inf")
