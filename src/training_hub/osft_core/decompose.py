@@ -9,7 +9,7 @@ from fractions import Fraction
 from training_hub.osft_core.linear import OSFTLinear
 from training_hub.osft_core.targets import default_target_patterns, find_targets
 
-__all__ = ["apply_osft", "frozen_rank", "osft_modules", "osft_trainable_parameters"]
+__all__ = ["apply_osft", "frozen_rank", "osft_modules", "osft_trainable_parameters", "shaped_like"]
 
 
 def _check_ratio(unfreeze_rank_ratio) -> Fraction:
@@ -42,6 +42,22 @@ def osft_trainable_parameters(model) -> list:
     return [p for m in osft_modules(model).values() for p in m.trainable_factors()]
 
 
+def shaped_like(linear, frozen_rank: int, *, dtype=None, forward_mode: str = "auto") -> OSFTLinear:
+    """The ``OSFTLinear`` that ``OSFTLinear.from_linear`` makes of ``linear``, without its values: the same factor
+    shapes and dtypes, uninitialised, on the weight's device (which may be meta; no SVD). For a process that
+    receives the decomposed factors from one that holds the weights (FSDP2 loading, ``training_hub.engine.loading``).
+    """
+    weight = linear.weight
+    if weight.ndim != 2:
+        raise ValueError(f"OSFT needs a 2-D weight, got shape {tuple(weight.shape)}")
+    out_features, in_features = weight.shape
+    module = OSFTLinear(in_features, out_features, frozen_rank, bias=linear.bias is not None, device=weight.device,
+                        dtype=dtype or weight.dtype, weight_dtype=weight.dtype, forward_mode=forward_mode)
+    if linear.bias is not None:
+        module.bias.requires_grad_(linear.bias.requires_grad)
+    return module
+
+
 def _tied_elsewhere(model, module_name: str, weight) -> list[str]:
     return [name for name, p in model.named_parameters(remove_duplicate=False)
             if p is weight and name != f"{module_name}.weight"]
@@ -61,6 +77,10 @@ def apply_osft(model, *, unfreeze_rank_ratio: float, target_patterns: list[str] 
             biases, the LM head). Default False: they train as in SFT.
         factor_dtype: dtype of the stored factors (default: each weight's dtype). The SVD itself is always fp32.
         forward_mode: ``"auto"``, ``"dense"`` or ``"factored"`` (see ``training_hub.osft_core.linear``).
+
+    A target whose weight is on the meta device gets uninitialised factors of the same shapes, also on meta (no
+    SVD; :func:`shaped_like`): the same structure as on a process that holds the weights, to receive
+    the decomposed factors from it (FSDP2 loading).
 
     Returns:
         ``{"unfreeze_rank_ratio", "target_patterns", "targets": [names], "frozen_rank": {name: k},
@@ -83,7 +103,8 @@ def apply_osft(model, *, unfreeze_rank_ratio: float, target_patterns: list[str] 
                              f"(leave {name} out of target_patterns)")
         rank = min(linear.weight.shape)
         k = frozen_rank(rank, unfreeze_rank_ratio)
-        replacement = OSFTLinear.from_linear(linear, k, dtype=factor_dtype, forward_mode=forward_mode)
+        build = shaped_like if linear.weight.is_meta else OSFTLinear.from_linear  # meta: structure only
+        replacement = build(linear, k, dtype=factor_dtype, forward_mode=forward_mode)
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, replacement)
         del linear
