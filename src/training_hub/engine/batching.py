@@ -113,7 +113,9 @@ def pack(samples_input_ids: Sequence[Sequence[int]], samples_labels: Sequence[Se
     IGNORE_INDEX where no loss) and ``loss_mask`` (bool, targets != IGNORE_INDEX); ``loss_index``, the positions
     of the loss-bearing targets (1-D); and, computed here on the host so that the training step needs no device
     sync for them, ``num_targets`` (an int) and ``sample_bounds``, the list of sample offsets in the row
-    ([0, len0, len0 + len1, ...]) for per-sample attention. On CUDA the tensors go through pinned memory,
+    ([0, len0, len0 + len1, ...]) for per-sample attention. For varlen attention, the same offsets as
+    ``cu_seqlens`` (an int32 (num_samples + 1,) tensor on ``device``) and ``max_seqlen``, the longest sample (an
+    int): built once per micro-batch, not per layer. On CUDA the tensors go through pinned memory,
     asynchronously.
     """
     import torch
@@ -136,9 +138,11 @@ def pack(samples_input_ids: Sequence[Sequence[int]], samples_labels: Sequence[Se
     }
     row["loss_mask"] = row["targets"] != IGNORE_INDEX
     row["loss_index"] = row["loss_mask"][0].nonzero().flatten()
+    row["cu_seqlens"] = torch.tensor(bounds, dtype=torch.int32)
     if device is not None:
         pin = torch.device(device).type == "cuda"
         row = {k: (v.pin_memory() if pin else v).to(device, non_blocking=True) for k, v in row.items()}
     row["num_targets"] = sum(1 for t in targets if t != IGNORE_INDEX)
     row["sample_bounds"] = bounds
+    row["max_seqlen"] = max((end - start for start, end in zip(bounds[:-1], bounds[1:])), default=0)
     return row

@@ -84,16 +84,17 @@ def warn_if_cpu_is_busy() -> None:
 def load_model(config: Any, device: torch.device) -> tuple[torch.nn.Module, torch.dtype]:
     """The model in fp32 (master weights; bf16 runs use autocast), and the dtype its checkpoint was stored in.
 
-    Attention is per-sample SDPA over the packed row when the model supports it (checked numerically, see
-    ``attention.use_packed_attention``), else SDPA with transformers' block-diagonal mask from position ids.
+    Attention is per-sample over the packed row when the model supports it (checked numerically, see
+    ``attention.use_packed_attention``): a varlen flash kernel on CUDA in bf16/fp16 runs, else per-sample SDPA;
+    else SDPA with transformers' block-diagonal mask from position ids.
     """
     from transformers import AutoModelForCausalLM
 
     save_dtype = stored_dtype(config.model_path, config.trust_remote_code)
     model = AutoModelForCausalLM.from_pretrained(config.model_path, dtype=torch.float32, attn_implementation="sdpa",
                                                  trust_remote_code=config.trust_remote_code).to(device)
-    packed = use_packed_attention(model)
-    logger.info("attention: %s", "per-sample SDPA" if packed else f"{model.config._attn_implementation}, position-id mask")
+    attention = use_packed_attention(model, compute_dtype=compute_dtype(config, device))
+    logger.info("attention: %s (self-check error %.1e)", attention.description, attention.error)
     if checkpointing(config.gradient_checkpointing, device):
         enable_checkpointing(model)
     model.train()
