@@ -62,6 +62,30 @@ def test_frozen_subspace_is_kept_in_the_checkpoint_and_plain_sft_breaks_it(runs,
     assert min(sft_err.values()) > 1e-3, sft_err  # negative control: the same run without OSFT moves them
 
 
+def test_bf16_run_tracks_fp32_and_keeps_the_frozen_subspace(runs, original, tiny_model_dir, chat_data, tmp_path,
+                                                            monkeypatch):
+    """dtype='bfloat16' (autocast, fp32 master factors): the dense OSFT layers take their bf16 backward, the loss
+    curve follows the fp32 run's (the runs fixture: same data, seed and steps) and the checkpoint still keeps the
+    frozen subspace."""
+    from training_hub.osft_core import linear
+
+    calls, real = [], linear._backward_bf16
+    monkeypatch.setattr(linear, "_backward_bf16", lambda ctx, grad: calls.append(1) or real(ctx, grad))
+    result = osft(model_path=str(tiny_model_dir), data_path=str(chat_data), ckpt_output_dir=str(tmp_path / "bf16"),
+                  unfreeze_rank_ratio=RATIO, max_steps=8, dtype="bfloat16", **COMMON)
+    assert calls
+
+    def losses(run):
+        return [json.loads(line)["loss"] for line in (Path(run.output_dir) / "metrics.jsonl").read_text().splitlines()]
+
+    fp32, bf16 = losses(runs["osft"]), losses(result)
+    assert len(bf16) == len(fp32) >= 3 and bf16 != fp32
+    assert bf16 == pytest.approx(fp32, abs=1e-2)  # measured: 1.5e-3 at most
+    original_weights, targets = original
+    errors = invariant_errors(load_weights(result.checkpoint_path), original_weights, targets, RATIO)
+    assert max(errors.values()) < 1e-4, errors
+
+
 def test_targets_and_other_weights_trained(runs, original):
     original_weights, targets = original
     trained = load_weights(runs["osft"].checkpoint_path)

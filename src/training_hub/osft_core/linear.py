@@ -22,9 +22,19 @@ Two forward formulations give the same values:
   about twice a dense matmul per token but has no per-call term: cheaper only for very few tokens per call.
 
 ``"auto"`` (the default) picks per call the one with fewer floating-point operations (see ``_use_dense``).
+
+Precision of the dense path. With fp32 inputs and no autocast everything is fp32, as written above. When the call
+computes in bf16 (``x`` is bf16, or bf16 autocast is on for its device; the factors stay fp32 master copies), the
+three big products run as bf16 GEMMs, which accumulate in fp32 inside the kernel: the composition of W (one GEMM
+over ``[high | low]``, forward and backward), ``dL/dW = grad_out^T x`` and its two projections onto the factors.
+Those two projections return fp32 (the factors' gradients; ``torch.mm(..., out_dtype=torch.float32)`` on CUDA,
+a cast on CPU, which has no such kernel in torch 2.13). The ``"factored"`` path is ordinary autograd ops, which
+autocast already runs in bf16.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import torch.nn.functional as F
@@ -43,29 +53,106 @@ def compose_weight(U_high, S_high, V_high, U_low, S_low, V_low) -> torch.Tensor:
     return torch.addmm(low, U_high * S_high, V_high.transpose(0, 1))
 
 
-def _factor_grads(G, U, S, V, needs):
-    """Gradients of ``U diag(S) V^T`` with respect to (U, S, V) given dL/dW = G (out x in)."""
+def _factor_grads(G, U, S, V, needs, mm=torch.matmul):
+    """Gradients of ``U diag(S) V^T`` with respect to (U, S, V) given dL/dW = G (out x in); ``mm`` does the two
+    products with G."""
     if not any(needs):
         return None, None, None
-    GV = G @ V  # out x rank
+    GV = mm(G, V)  # out x rank
     dU = GV * S if needs[0] else None
     dS = (U * GV).sum(0) if needs[1] else None
-    dV = (G.transpose(0, 1) @ U) * S if needs[2] else None
+    dV = mm(G.transpose(0, 1), U) * S if needs[2] else None
     return dU, dS, dV
 
 
+def _computes_in_bf16(x: torch.Tensor) -> bool:
+    """Whether a call on ``x`` computes in bf16: ``x`` is bf16, or bf16 autocast is on for its device."""
+    device_type = x.device.type
+    return x.dtype == torch.bfloat16 or (torch.is_autocast_enabled(device_type)
+                                         and torch.get_autocast_dtype(device_type) == torch.bfloat16)
+
+
+def compose_weight_bf16(U_high, S_high, V_high, U_low, S_low, V_low) -> torch.Tensor:
+    """The weight of :func:`compose_weight` in bf16, as one bf16 GEMM ``[U_h S_h | U_l S_l] [V_h | V_l]^T``:
+    fp32 accumulation inside the kernel and a single rounding of each element of W to bf16."""
+    left = torch.cat([(U_high * S_high).to(torch.bfloat16), (U_low * S_low).to(torch.bfloat16)], dim=1)
+    right = torch.cat([V_high.to(torch.bfloat16), V_low.to(torch.bfloat16)], dim=1)
+    return left @ right.transpose(0, 1)
+
+
+@functools.lru_cache(maxsize=None)
+def _has_fp32_out_mm(device_type: str) -> bool:
+    """Whether ``torch.mm(bf16, bf16, out_dtype=torch.float32)`` runs on this device type (CUDA: yes, in torch
+    >= 2.8; CPU: no kernel in torch 2.13)."""
+    if device_type == "cpu":
+        return False
+    try:
+        one = torch.ones(1, 1, dtype=torch.bfloat16, device=device_type)
+        return torch.mm(one, one, out_dtype=torch.float32).dtype == torch.float32
+    except (RuntimeError, NotImplementedError, TypeError):
+        return False
+
+
+def _mm_bf16_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a @ b`` with bf16 inputs (``b`` is cast; ``a`` is bf16 already), accumulated in fp32, returned in fp32.
+
+    Where no kernel writes the fp32 accumulator directly (CPU) the bf16 result is cast: one more bf16 rounding
+    per element, of the same size as the input roundings (measured in :func:`_backward_bf16`'s comment)."""
+    b = b.to(torch.bfloat16)
+    if _has_fp32_out_mm(a.device.type):
+        return torch.mm(a, b, out_dtype=torch.float32)
+    return torch.mm(a, b).float()
+
+
+def _backward_bf16(ctx, grad_out):
+    """The backward of :class:`_DenseOSFTLinear` for a bf16 call (``x`` was saved in bf16)."""
+    x, U_high, S_high, V_high, U_low, S_low, V_low = ctx.saved_tensors
+    needs = ctx.needs_input_grad
+    g2 = grad_out.reshape(-1, grad_out.shape[-1]).to(torch.bfloat16)
+    grad_x = None
+    if needs[0]:
+        weight = compose_weight_bf16(U_high, S_high, V_high, U_low, S_low, V_low)
+        grad_x = (g2 @ weight).reshape(*grad_out.shape[:-1], weight.shape[1])
+    grad_high = grad_low = (None, None, None)
+    if any(needs[1:7]):
+        # G = dL/dW (out x in) is kept in bf16: accumulated over the tokens in fp32 inside the GEMM and rounded
+        # once per element, as a plain nn.Linear's weight gradient is under bf16 autocast; it is the bf16 input
+        # that the two products below need anyway, and half the memory of an fp32 G. Measured (benchmarks/
+        # osft_cost.py --layer 2048x2048 --tokens 4096, k = m/2, CPU), relative Frobenius error of the factor
+        # gradients against fp64: 3.7e-3 for each of U_low, S_low, V_low; 2.4e-3 if G were accumulated and kept
+        # in fp32 from the same bf16 x and grad_out (those roundings dominate); 2.9e-3 for a plain nn.Linear's
+        # weight gradient under bf16 autocast. Per element that is noise far below a mini-batch's, and Adam
+        # normalises each element's step anyway: the loss curve of a tiny model tracks its fp32 curve
+        # (benchmarks/osft_cost.py --curve; tests/test_osft_api.py).
+        G = g2.transpose(0, 1) @ x.reshape(-1, x.shape[-1])
+        grad_high = _factor_grads(G, U_high, S_high, V_high, needs[1:4], mm=_mm_bf16_fp32)
+        grad_low = _factor_grads(G, U_low, S_low, V_low, needs[4:7], mm=_mm_bf16_fp32)
+    grad_bias = g2.sum(0, dtype=torch.float32) if ctx.has_bias and needs[7] else None
+    return (grad_x, *grad_high, *grad_low, grad_bias, None)
+
+
 class _DenseOSFTLinear(torch.autograd.Function):
-    """``F.linear(x, W, bias)`` with W composed from its factors; the backward recomputes W (saves memory)."""
+    """``F.linear(x, W, bias)`` with W composed from its factors; the backward recomputes W (saves memory).
+
+    ``bf16``: compute in bf16 (see the module docstring); otherwise in the factors' dtype, then ``x``'s."""
 
     @staticmethod
-    def forward(ctx, x, U_high, S_high, V_high, U_low, S_low, V_low, bias):
+    def forward(ctx, x, U_high, S_high, V_high, U_low, S_low, V_low, bias, bf16=False):
+        ctx.has_bias, ctx.bf16 = bias is not None, bf16
+        if bf16:
+            with torch.autocast(x.device.type, enabled=False):
+                x = x.to(torch.bfloat16)  # saved in bf16, as F.linear under autocast saves its input
+                weight = compose_weight_bf16(U_high, S_high, V_high, U_low, S_low, V_low)
+                ctx.save_for_backward(x, U_high, S_high, V_high, U_low, S_low, V_low)
+                return F.linear(x, weight, None if bias is None else bias.to(torch.bfloat16))
         weight = compose_weight(U_high, S_high, V_high, U_low, S_low, V_low).to(x.dtype)
         ctx.save_for_backward(x, U_high, S_high, V_high, U_low, S_low, V_low)
-        ctx.has_bias = bias is not None
         return F.linear(x, weight, None if bias is None else bias.to(x.dtype))
 
     @staticmethod
     def backward(ctx, grad_out):
+        if ctx.bf16:
+            return _backward_bf16(ctx, grad_out)
         x, U_high, S_high, V_high, U_low, S_low, V_low = ctx.saved_tensors
         needs = ctx.needs_input_grad
         grad_x = None
@@ -83,7 +170,7 @@ class _DenseOSFTLinear(torch.autograd.Function):
         grad_bias = None
         if ctx.has_bias and needs[7]:
             grad_bias = grad_out.reshape(-1, grad_out.shape[-1]).sum(0)
-        return (grad_x, *grad_high, *grad_low, grad_bias)
+        return (grad_x, *grad_high, *grad_low, grad_bias, None)
 
 
 class OSFTLinear(nn.Module):
@@ -166,7 +253,7 @@ class OSFTLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         factors = (self.U_high, self.S_high, self.V_high, self.U_low, self.S_low, self.V_low)
         if self._use_dense(x):
-            return _DenseOSFTLinear.apply(x, *factors, self.bias)
+            return _DenseOSFTLinear.apply(x, *factors, self.bias, _computes_in_bf16(x))
         U_high, S_high, V_high, U_low, S_low, V_low = (f.to(x.dtype) for f in factors)
         out = ((x @ V_low) * S_low) @ U_low.transpose(0, 1)
         if S_high.numel():
