@@ -248,3 +248,35 @@ def test_attention_dropout_needs_a_kernel_that_implements_it(tiny_model_dir, mon
     use_kernels(monkeypatch, with_dropout)
     assert use_packed_attention(tiny(tiny_model_dir, attention_dropout=0.1),
                                 compute_dtype=torch.bfloat16).implementation == with_dropout.name
+
+
+@torch.library.custom_op("training_hub_test::varlen", mutates_args=())
+def _varlen_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int,
+               left: int) -> torch.Tensor:
+    return exact_varlen(q, k, v, cu_seqlens, max_seqlen, scale=None, window=(left, 0), dropout=0.0, softcap=0.0)
+
+
+@_varlen_op.register_fake
+def _(q, k, v, cu_seqlens, max_seqlen, left):
+    return torch.empty_like(q)
+
+
+def test_varlen_call_traces_into_one_graph_for_all_row_shapes():
+    """As the real kernels are (custom ops with fake implementations), a stand-in op: dynamo traces packed_varlen
+    whole (fullgraph) and reuses the graph for rows of other lengths, sample counts and longest samples."""
+    import torch._dynamo.testing
+
+    op_kernel = kernel(lambda q, k, v, cu, longest, *, window, **kw: _varlen_op(q, k, v, cu, longest, window[0]), "op")
+    module = type("M", (), {"training": False})()
+
+    def call(q, k, v, cu_seqlens, max_seqlen):
+        return packed_varlen(module, q, k, v, None, kernel=op_kernel, **{attention.CU_SEQLENS_KWARG: cu_seqlens,
+                                                                         attention.MAX_SEQLEN_KWARG: max_seqlen})[0]
+
+    counter = torch._dynamo.testing.CompileCounter()
+    compiled = torch.compile(call, backend=counter, fullgraph=True, dynamic=True)
+    for bounds in ([0, 5, 12], [0, 3, 9, 20], [0, 7]):
+        q, k, v = (torch.randn(1, heads, bounds[-1], 8, dtype=torch.bfloat16) for heads in (4, 2, 2))
+        args = (q, k, v, torch.tensor(bounds, dtype=torch.int32), max(b - a for a, b in zip(bounds, bounds[1:])))
+        assert torch.equal(compiled(*args), call(*args))
+    assert counter.frame_count == 1
