@@ -78,6 +78,8 @@ def filesystem(url: str):
     endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
     if protocol in ("s3", "s3a") and endpoint:
         options["client_kwargs"] = {"endpoint_url": endpoint}
+    if protocol in ("file", "local"):  # a mounted volume: make the folders an upload writes into
+        options["auto_mkdir"] = True
     try:
         inner = fsspec.filesystem(protocol, **options)
     except (ImportError, ValueError) as exc:

@@ -4,7 +4,9 @@ Layout under ``ckpt_output_dir``::
 
     hf_format/samples_<N>/   config, safetensors weights, tokenizer + chat template, generation config
                              (OSFT: ``samples_<N>.0``, as upstream's OSFT engine names them; both are read)
-    state/step_<S>/          model.pt, optimizer.pt, scheduler.pt, rng.pt, trainer_state.json (written last)
+    state/step_<S>/          model.pt, optimizer.pt, scheduler.pt, rng.pt, trainer_state.json (written last);
+                             under FSDP2 ``sharded/`` (each rank's shards of model and optimizer) in place of
+                             model.pt and optimizer.pt, and each rank's RNG (``engine.sharded``)
     metrics.jsonl
 
 Every directory is written under a temporary name (``.tmp-...``) and renamed when complete, so a directory with
@@ -35,6 +37,7 @@ logger = logging.getLogger(__name__)
 HF_DIR = "hf_format"
 STATE_DIR = "state"
 STATE_FILE = "trainer_state.json"
+SHARDED_DIR = "sharded"  # a state's model and optimizer in torch.distributed.checkpoint's format (engine.sharded)
 METRICS_FILE = "metrics.jsonl"
 
 
@@ -170,9 +173,24 @@ def save_training_state(root: Path, *, model, optimizer, scheduler, progress: di
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
         torch.save(_rng_state(), tmp / "rng.pt")
         (tmp / STATE_FILE).write_text(json.dumps(progress, indent=2))  # last: its presence marks a whole state
+    prune_states(root)
+    return final
+
+
+def prune_states(root: Path) -> None:
+    """Delete every complete training state but the newest."""
     for old in complete_states(root)[:-1]:
         shutil.rmtree(old, ignore_errors=True)
-    return final
+
+
+def is_sharded(path: Path) -> bool:
+    """Whether the training state at ``path`` holds sharded model and optimizer (``engine.sharded``)."""
+    return (Path(path) / SHARDED_DIR / ".metadata").is_file()
+
+
+def rng_file(rank: int) -> str:
+    """The RNG state of ``rank`` (rank 0's, the only one a one-process or DDP state holds, is ``rng.pt``)."""
+    return "rng.pt" if rank == 0 else f"rng_{rank}.pt"
 
 
 def complete_states(root: Path) -> list[Path]:
@@ -182,18 +200,26 @@ def complete_states(root: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name.split("_")[-1]))
 
 
-def load_training_state(path: Path, *, model, optimizer, scheduler, device) -> dict:
+def load_training_state(path: Path, *, model, optimizer, scheduler, device, rank: int = 0) -> dict:
     """Restore model, optimizer, scheduler and RNG from ``path``; return the saved progress record.
 
-    ``model=None, optimizer=None``: leave those to the caller (FSDP2 loads them into shards, ``engine.distributed``).
+    ``model=None, optimizer=None``: leave those to the caller (FSDP2 loads them into shards). A sharded state
+    (written under FSDP2) is read whole into ``model`` and ``optimizer``. ``rank``: whose RNG state to restore
+    (rank 0's where the state holds none for it).
     """
-    rng = _load(path / "rng.pt")  # checked first: a refused file stops the resume before anything is changed
+    rng_path = path / rng_file(rank) if (path / rng_file(rank)).is_file() else path / rng_file(0)
+    rng = _load(rng_path)  # checked first: a refused file stops the resume before anything is changed
+    if model is not None and optimizer is not None and is_sharded(path):
+        from training_hub.engine import sharded
+
+        sharded.load(path, model=model, optimizer=optimizer)
+        model = optimizer = None
     if model is not None:
         model.load_state_dict(_load(path / "model.pt", map_location=device))
     if optimizer is not None:
         optimizer.load_state_dict(_load(path / "optimizer.pt", map_location=device))
     scheduler.load_state_dict(_load(path / "scheduler.pt"))
-    _set_rng_state(rng, path / "rng.pt")
+    _set_rng_state(rng, rng_path)
     return json.loads((path / STATE_FILE).read_text())
 
 
