@@ -271,7 +271,8 @@ def full_training_state(model: torch.nn.Module, optimizer, ranks: Ranks) -> tupl
     """FSDP2: model and optimizer state gathered to rank 0 (every rank must call). (None, None) otherwise.
 
     Stored as a one-process run stores them (the optimizer state keyed by parameter index), so a training state
-    resumes under any strategy and process count.
+    resumes under any strategy and process count. FSDP2 runs write sharded states instead (``engine.sharded``, no
+    gather); this is for ranks that do not share the output directory.
     """
     if not ranks.fsdp:
         return None, None
