@@ -28,8 +28,8 @@ computes in bf16 (``x`` is bf16, or bf16 autocast is on for its device; the fact
 three big products run as bf16 GEMMs, which accumulate in fp32 inside the kernel: the composition of W (one GEMM
 over ``[high | low]``, forward and backward), ``dL/dW = grad_out^T x`` and its two projections onto the factors.
 Those two projections return fp32 (the factors' gradients; ``torch.mm(..., out_dtype=torch.float32)`` on CUDA,
-a cast on CPU, which has no such kernel in torch 2.13). The ``"factored"`` path is ordinary autograd ops, which
-autocast already runs in bf16.
+a cast on CPU, which has no such kernel in torch 2.13). The ``"factored"`` path is ordinary autograd ops on the
+factors cast to bf16 (its output is bf16 too, like the dense path's and a plain ``nn.Linear``'s under autocast).
 """
 
 from __future__ import annotations
@@ -254,11 +254,12 @@ class OSFTLinear(nn.Module):
         factors = (self.U_high, self.S_high, self.V_high, self.U_low, self.S_low, self.V_low)
         if self._use_dense(x):
             return _DenseOSFTLinear.apply(x, *factors, self.bias, _computes_in_bf16(x))
-        U_high, S_high, V_high, U_low, S_low, V_low = (f.to(x.dtype) for f in factors)
+        dtype = torch.bfloat16 if _computes_in_bf16(x) else x.dtype  # under autocast: bf16 throughout, as dense
+        U_high, S_high, V_high, U_low, S_low, V_low = (f.to(dtype) for f in factors)
         out = ((x @ V_low) * S_low) @ U_low.transpose(0, 1)
         if S_high.numel():
             out = out + ((x @ V_high) * S_high) @ U_high.transpose(0, 1)
-        return out if self.bias is None else out + self.bias.to(x.dtype)
+        return out if self.bias is None else out + self.bias.to(dtype)
 
     def dense_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The dense weight ``W'`` (out x in, detached), composed in fp32 and cast to ``dtype``
