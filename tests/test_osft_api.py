@@ -245,7 +245,7 @@ def _layer_and_inputs(n_out=48, n_in=40, tokens=256, frozen=20, bias=True, seed=
 def _forward_backward(layer, x, grad_out, autocast=False):
     layer.zero_grad(set_to_none=True)
     x = x.detach().clone().requires_grad_(True)
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=autocast):
         out = layer(x)
     out.backward(grad_out.to(out.dtype))
     return out, [x.grad, *(p.grad for p in layer.parameters() if p.requires_grad)]
@@ -285,6 +285,19 @@ def test_bf16_gradients_are_within_1e_2_of_fp64(how, mode):
     for name, got, want in zip(["x", "U_low", "S_low", "V_low", "bias"], grads, reference):
         err = float((got.double() - want).norm() / want.norm())
         assert 1e-5 < err < 1e-2, (name, err)  # bf16 really was used, and it is close
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (torch.mm with out_dtype=float32)")
+def test_bf16_gradients_on_cuda_are_within_1e_2_of_fp64():
+    import copy
+
+    layer, x, grad_out = _layer_and_inputs(tokens=512)
+    reference = _forward_backward(copy.deepcopy(layer).double(), x.double(), grad_out.double())[1]
+    out, grads = _forward_backward(layer.cuda(), x.cuda(), grad_out.cuda(), autocast=True)
+    assert out.dtype == torch.bfloat16 and [g.dtype for g in grads[1:]] == [torch.float32] * 4
+    for name, got, want in zip(["x", "U_low", "S_low", "V_low", "bias"], grads, reference):
+        err = float((got.cpu().double() - want).norm() / want.norm())
+        assert 1e-5 < err < 1e-2, (name, err)
 
 
 def test_bf16_steps_track_fp32_and_keep_the_factors_orthogonal():

@@ -34,8 +34,6 @@ factors cast to bf16 (its output is bf16 too, like the dense path's and a plain 
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -80,26 +78,15 @@ def compose_weight_bf16(U_high, S_high, V_high, U_low, S_low, V_low) -> torch.Te
     return left @ right.transpose(0, 1)
 
 
-@functools.lru_cache(maxsize=None)
-def _has_fp32_out_mm(device_type: str) -> bool:
-    """Whether ``torch.mm(bf16, bf16, out_dtype=torch.float32)`` runs on this device type (CUDA: yes, in torch
-    >= 2.8; CPU: no kernel in torch 2.13)."""
-    if device_type == "cpu":
-        return False
-    try:
-        one = torch.ones(1, 1, dtype=torch.bfloat16, device=device_type)
-        return torch.mm(one, one, out_dtype=torch.float32).dtype == torch.float32
-    except (RuntimeError, NotImplementedError, TypeError):
-        return False
-
-
 def _mm_bf16_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """``a @ b`` with bf16 inputs (``b`` is cast; ``a`` is bf16 already), accumulated in fp32, returned in fp32.
 
-    Where no kernel writes the fp32 accumulator directly (CPU) the bf16 result is cast: one more bf16 rounding
-    per element, of the same size as the input roundings (measured in :func:`_backward_bf16`'s comment)."""
+    On CUDA ``torch.mm(..., out_dtype=torch.float32)`` (documented for bf16 inputs on CUDA since torch 2.8; not
+    on ROCm here, untested there) writes the fp32 accumulator. CPU has no such kernel in torch 2.13: the bf16
+    result is cast, one more bf16 rounding per element, of the size of the input roundings (measured in
+    :func:`_backward_bf16`'s comment). No probing at run time: this runs inside ``torch.compile``d graphs."""
     b = b.to(torch.bfloat16)
-    if _has_fp32_out_mm(a.device.type):
+    if a.device.type == "cuda" and torch.version.hip is None:
         return torch.mm(a, b, out_dtype=torch.float32)
     return torch.mm(a, b).float()
 
