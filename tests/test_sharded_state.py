@@ -93,6 +93,20 @@ def test_ranks_that_do_not_share_the_directory_write_nothing_and_fall_back(tmp_p
     assert list((tmp_path / "state").iterdir()) == [] and "do not share ckpt_output_dir" in caplog.text
 
 
+def test_a_failed_write_raises_and_leaves_no_state(tmp_path, monkeypatch):
+    from torch.distributed.checkpoint import FileSystemWriter
+
+    def full_disk(self, plan, planner):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(FileSystemWriter, "write_data", full_disk)
+    model, optimizer, scheduler = _tiny()
+    with pytest.raises(RuntimeError, match="writing the sharded training state into .* failed.*No space left"):
+        sharded.save(tmp_path, model=model, optimizer=optimizer, scheduler=scheduler, progress={"global_step": 1},
+                     ranks=distributed.SINGLE)
+    assert list((tmp_path / "state").iterdir()) == []  # the temporary directory went too
+
+
 def test_a_newer_sharded_state_replaces_the_older(tmp_path):
     _save(tmp_path, step=3)
     newer = _save(tmp_path, step=5)

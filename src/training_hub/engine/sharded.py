@@ -82,9 +82,17 @@ def save(root: Path, *, model, optimizer, scheduler, progress: dict, ranks: dist
 def _write_shards(directory: Path, model, optimizer, ranks: distributed.Ranks) -> None:
     model_state, optimizer_state = get_state_dict(model, optimizer)  # this rank's shards (DTensors), no gather
     torch.save(ckpt._rng_state(), directory / ckpt.rng_file(ranks.rank))
-    dcp.save({"model": model_state, "optim": optimizer_state},
-             storage_writer=dcp.FileSystemWriter(directory / SHARDED_DIR),
-             process_group=ranks.cpu_group, no_dist=not ranks.distributed)
+    try:
+        dcp.save({"model": model_state, "optim": optimizer_state},
+                 storage_writer=dcp.FileSystemWriter(directory / SHARDED_DIR),
+                 process_group=ranks.cpu_group, no_dist=not ranks.distributed)
+    except CheckpointException as exc:  # a BaseException: the run's error handling expects an Exception
+        raise RuntimeError(f"writing the sharded training state into {directory} failed: {_failures(exc)}") from None
+
+
+def _failures(exc: CheckpointException) -> str:
+    """Each failing rank's error, in one line each (DCP's own message carries every traceback)."""
+    return "; ".join(f"rank {rank}: {type(error).__name__}: {error}" for rank, (error, _) in exc.failures.items())
 
 
 def load(path: Path, *, model, optimizer, ranks: distributed.Ranks = distributed.SINGLE) -> None:
@@ -103,7 +111,7 @@ def load(path: Path, *, model, optimizer, ranks: distributed.Ranks = distributed
         refused = [e for e, _ in exc.failures.values() if isinstance(e, ValueError) and "read safely" in str(e)]
         if refused:
             raise refused[0] from None
-        raise
+        raise RuntimeError(f"reading the sharded training state {path} failed: {_failures(exc)}") from None
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
 
 
