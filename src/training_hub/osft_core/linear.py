@@ -92,7 +92,7 @@ def _mm_bf16_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def _backward_bf16(ctx, grad_out):
-    """The backward of :class:`_DenseOSFTLinear` for a bf16 call (``x`` was saved in bf16)."""
+    """The backward of :class:`_DenseOSFTLinear` for a bf16 call."""
     x, U_high, S_high, V_high, U_low, S_low, V_low = ctx.saved_tensors
     needs = ctx.needs_input_grad
     g2 = grad_out.reshape(-1, grad_out.shape[-1]).to(torch.bfloat16)
@@ -111,7 +111,7 @@ def _backward_bf16(ctx, grad_out):
         # weight gradient under bf16 autocast. Per element that is noise far below a mini-batch's, and Adam
         # normalises each element's step anyway: the loss curve of a tiny model tracks its fp32 curve
         # (benchmarks/osft_cost.py --curve; tests/test_osft_api.py).
-        G = g2.transpose(0, 1) @ x.reshape(-1, x.shape[-1])
+        G = g2.transpose(0, 1) @ x.reshape(-1, x.shape[-1]).to(torch.bfloat16)
         grad_high = _factor_grads(G, U_high, S_high, V_high, needs[1:4], mm=_mm_bf16_fp32)
         grad_low = _factor_grads(G, U_low, S_low, V_low, needs[4:7], mm=_mm_bf16_fp32)
     grad_bias = g2.sum(0, dtype=torch.float32) if ctx.has_bias and needs[7] else None
@@ -127,11 +127,12 @@ class _DenseOSFTLinear(torch.autograd.Function):
     def forward(ctx, x, U_high, S_high, V_high, U_low, S_low, V_low, bias, bf16=False):
         ctx.has_bias, ctx.bf16 = bias is not None, bf16
         if bf16:
+            # x is saved as given, not as a bf16 copy: q, k and v (gate and up) share one fp32 input under
+            # autocast, which three bf16 copies would outweigh; the backward casts it again (cheap next to G).
+            ctx.save_for_backward(x, U_high, S_high, V_high, U_low, S_low, V_low)
             with torch.autocast(x.device.type, enabled=False):
-                x = x.to(torch.bfloat16)  # saved in bf16, as F.linear under autocast saves its input
                 weight = compose_weight_bf16(U_high, S_high, V_high, U_low, S_low, V_low)
-                ctx.save_for_backward(x, U_high, S_high, V_high, U_low, S_low, V_low)
-                return F.linear(x, weight, None if bias is None else bias.to(torch.bfloat16))
+                return F.linear(x.to(torch.bfloat16), weight, None if bias is None else bias.to(torch.bfloat16))
         weight = compose_weight(U_high, S_high, V_high, U_low, S_low, V_low).to(x.dtype)
         ctx.save_for_backward(x, U_high, S_high, V_high, U_low, S_low, V_low)
         return F.linear(x, weight, None if bias is None else bias.to(x.dtype))
