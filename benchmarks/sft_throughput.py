@@ -3,6 +3,7 @@
     python benchmarks/sft_throughput.py                      # 12.5M-parameter tiny Qwen2, both comparisons
     python benchmarks/sft_throughput.py --size 100m --steps 3  # 110M-parameter Qwen2 (slow on 2 CPU cores)
     python benchmarks/sft_throughput.py --quick              # 3 short steps and short peak measurements
+    python benchmarks/sft_throughput.py --skip-trl --compile # ours eager, then ours with torch_compile=True
 
 One run makes two comparisons, each in the same process, one trainer after the other:
 
@@ -110,22 +111,29 @@ def matmul_peak(dtype=torch.float32, seconds_per_size: float = 1.0, sizes=(1024,
     return best
 
 
-def run_ours(model_dir: Path, data: Path, out: Path, args, dtype: str) -> dict:
-    """``sft()`` without gradient checkpointing; ``dtype`` "auto" is not passed at all (sft()'s own choice)."""
+def run_ours(model_dir: Path, data: Path, out: Path, args, dtype: str, compile: bool = False) -> dict:
+    """``sft()`` without gradient checkpointing; ``dtype`` "auto" is not passed at all (sft()'s own choice);
+    ``compile``: with ``torch_compile=True`` (compiling happens before the timed loop; ``wall_seconds``, the whole
+    ``sft()`` call, includes it)."""
     from training_hub import sft
 
     extra = {} if dtype == "auto" else {"dtype": dtype}
+    if compile:
+        extra["torch_compile"] = True
+    wall = time.perf_counter()
     sft(model_path=str(model_dir), data_path=str(data), ckpt_output_dir=str(out),
         max_seq_len=args.max_seq_len, max_tokens_per_gpu=args.max_tokens_per_gpu,
         effective_batch_size=args.batch, max_steps=args.steps, learning_rate=1e-4,
         lr_scheduler="constant", save_final_checkpoint=False, disable_progress_bar=True, **extra)
+    wall = time.perf_counter() - wall
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     records = [r for r in records if r.get("type", "train") == "train" and "tokens" in r]
     tokens = sum(r["tokens"] for r in records)
     seconds = records[-1]["elapsed"]  # from the start of the loop to the end of the last step
     return {"dtype": dtype, "gradient_checkpointing": False, "batches": "packed", "tokens": tokens,
             "seconds": seconds, "tokens_per_second": tokens / seconds,
-            "mean_loss": sum(r["loss"] for r in records) / len(records), "steps": len(records)}
+            "mean_loss": sum(r["loss"] for r in records) / len(records), "steps": len(records),
+            "torch_compile": compile, "wall_seconds": wall}
 
 
 def run_trl(model_dir: Path, chats: list[dict], out: Path, args, mean_tokens: float, defaults: bool) -> dict:
@@ -199,6 +207,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--quick", action="store_true", help="3 steps of 16 samples, short peak measurements")
     parser.add_argument("--skip-trl", action="store_true")
     parser.add_argument("--only", choices=("defaults", "equal"), help="run one comparison only")
+    parser.add_argument("--compile", action="store_true",
+                        help="also run ours with torch_compile=True (the dtype of the defaults comparison), after "
+                             "ours at its defaults, and report compiled / eager")
     args = parser.parse_args(argv)
     if args.quick:
         args.steps, args.batch, args.peak_seconds = min(args.steps, 3), min(args.batch, 16), 0.3
@@ -249,7 +260,10 @@ def main(argv=None) -> dict:
         if not args.skip_trl:
             plan.append(("equal", "trl", lambda: run_trl(model_dir, chats, work / "trl-equal", args, mean_tokens,
                                                          defaults=False)))
-    results = {"defaults": {}, "equal": {}}
+    if args.compile:
+        plan.append(("compiled", "ours", lambda: run_ours(model_dir, data, work / "ours-compiled", args,
+                                                          args.ours_dtype, compile=True)))
+    results = {"defaults": {}, "equal": {}, "compiled": {}}
     measure_peaks()
     for comparison, trainer, thunk in plan:
         results[comparison][trainer] = thunk()
@@ -287,13 +301,19 @@ def main(argv=None) -> dict:
             ratios[comparison] = pair["ours"]["tokens_per_second"] / pair["trl"]["tokens_per_second"]
     for comparison, ratio in ratios.items():
         print(f"ours / TRL, {comparison}: {ratio:.2f}x")
+    if "ours" in results["compiled"] and "ours" in results["defaults"]:
+        eager, comp = results["defaults"]["ours"], results["compiled"]["ours"]
+        ratios["compiled_vs_eager"] = comp["tokens_per_second"] / eager["tokens_per_second"]
+        print(f"ours torch_compile=True / eager: {ratios['compiled_vs_eager']:.2f}x in the training loop; whole sft() "
+              f"call (loading, compiling) {comp['wall_seconds']:.0f} s vs {eager['wall_seconds']:.0f} s")
     summary = {"benchmark": "sft_throughput", "size": args.size, "params": params,
                "vocab_size": model_config.vocab_size, "device": device, "steps": args.steps, "batch": args.batch,
                "max_tokens_per_gpu": args.max_tokens_per_gpu, "mean_tokens_per_sample": round(mean_tokens, 1),
                "ours_dtype": args.ours_dtype, "auto_dtype": auto, "equal_dtype": args.equal_dtype,
                "matmul_peak_flops": peak, "matmul_peaks": peaks,
                "load_average_1m_after": round(__import__("os").getloadavg()[0], 2),
-               "defaults": results["defaults"], "equal": results["equal"], "ratios": ratios}
+               "defaults": results["defaults"], "equal": results["equal"], "compiled": results["compiled"],
+               "ratios": ratios}
     print(json.dumps(summary))
     shutil.rmtree(work, ignore_errors=True)
     return summary

@@ -134,9 +134,13 @@ def add_lora_models(result: Any, config: Any) -> Any:
 
 def native_only_problems(config: Any) -> list[str]:
     """The settings only our own engine implements, for the refusals of the other backends."""
+    problems = []
     if getattr(config, "optimizer_state_dtype", "float32") != "float32":
-        return ["optimizer_state_dtype: bf16 optimizer states are the native engine's (use backend='native')"]
-    return []
+        problems.append("optimizer_state_dtype: bf16 optimizer states are the native engine's (use backend='native')")
+    if getattr(config, "torch_compile", False):
+        problems.append("torch_compile: compiling the decoder layers (checked against eager) is the native engine's "
+                        "(use backend='native')")
+    return problems
 
 
 class BuiltinBackend(Backend):

@@ -53,7 +53,9 @@ class NativeGRPOBackend(BuiltinBackend):
 
     @classmethod
     def refusals(cls, config: Any, given: set[str]) -> list[str]:
-        return ([ROLLOUT_FN] if config.rollout_fn is not None else []) + _one_process(config)
+        compiled = (["torch_compile: the grpo loop generates with a KV cache, which the compiled layers are not built "
+                     "for; it is available for sft, osft, lora_sft and dpo"] if config.torch_compile else [])
+        return ([ROLLOUT_FN] if config.rollout_fn is not None else []) + _one_process(config) + compiled
 
     def run(self, config: Any, given: set[str], options: Dict[str, Any]) -> Any:
         from training_hub.engine.grpo import train_grpo

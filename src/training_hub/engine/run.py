@@ -181,7 +181,7 @@ NOT_IN_PLAN = frozenset({
     "tensorboard_log_dir", "mlflow_tracking_uri", "mlflow_experiment_name", "mlflow_run_name", "callbacks",
     "nproc_per_node", "nnodes", "node_rank", "rdzv_id", "rdzv_endpoint", "master_addr", "master_port", "strategy",
     "fsdp_options", "enable_jit_checkpoint", "checkpoint_storage",
-    "trust_remote_code", "dtype", "gradient_checkpointing", "use_liger", "merge",
+    "trust_remote_code", "dtype", "gradient_checkpointing", "use_liger", "merge", "torch_compile",
 })
 
 
