@@ -219,6 +219,26 @@ def test_projections_remove_exactly_the_frozen_components():
         assert (m.U_high.T @ m.U_low).abs().max() < 1e-5 and (m.V_high.T @ m.V_low).abs().max() < 1e-5
 
 
+def test_the_parameter_projection_runs_without_tf32_and_restores_the_setting(monkeypatch):
+    """TF32 (on for CUDA training, engine.model) would leave ~3e-5 of the frozen directions per projection."""
+    from training_hub.osft_core import project
+
+    model = Toy()
+    apply_osft(model, unfreeze_rank_ratio=0.5, target_patterns=["up_proj"])
+    seen = []
+    real = project.project_out
+    monkeypatch.setattr(project, "project_out",
+                        lambda *a: seen.append(torch.backends.cuda.matmul.allow_tf32) or real(*a))
+    saved = torch.backends.cuda.matmul.allow_tf32  # a property-like setting: monkeypatch cannot restore it
+    torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        project_parameters(model)
+        assert seen and not any(seen)
+        assert torch.backends.cuda.matmul.allow_tf32
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = saved
+
+
 def test_projection_is_a_no_op_without_frozen_directions_and_skips_missing_grads():
     x = torch.randn(4, 3)
     project_out(torch.empty(4, 0), x_copy := x.clone())
