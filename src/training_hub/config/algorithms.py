@@ -125,10 +125,12 @@ class LoRAUpstreamParams(DeclaredConfig):
                        upstream=ignored("float16 training is not supported; use dtype='bfloat16' (or bf16=True)"))
     tf32: Optional[bool] = param(
         None, "Upstream: TensorFloat-32 matmuls (CUDA only; ignored, with a warning).",
-        upstream=ignored("TensorFloat-32 is a CUDA matmul setting that training_hub does not change", _given))
+        upstream=ignored("the native engine always allows TensorFloat-32 for the CUDA matmuls that stay in fp32 (OSFT's "
+                         "parameter projection excepted, which runs in full fp32)", _given))
     flash_attention: Optional[bool] = param(
-        None, "Upstream: attention here is SDPA over packed samples (True is ignored, with a warning).",
-        upstream=ignored("attention is PyTorch SDPA over packed samples (flash kernels where SDPA picks them)"))
+        None, "Upstream: the native engine chooses its packed attention itself (True is ignored, with a warning).",
+        upstream=ignored("the native engine chooses packed attention itself: on CUDA a varlen flash kernel (flash-attn, "
+                         "else torch's varlen_attn) when it passes a numeric self-check, else SDPA per sample"))
     sample_packing: Optional[bool] = param(
         None, "Upstream: the native engine always packs samples without cross-sample attention, which is exact "
               "(False is ignored).",
