@@ -272,9 +272,11 @@ class Run:
         self.stopped_by: str | None = None
         self.zero_grad_steps = 0
         self.ledger: MemoryLedger | None = None  # the run's memory ledger (engine.ledger), set by execute()
+        self.state_saved: dict | None = None  # the progress (less the clock) of the newest training state written
 
     def save(self, recipe: Recipe, hf: bool) -> None:
-        """An HF checkpoint (once per sample count) and the training state that goes with it."""
+        """An HF checkpoint (once per sample count) and the training state that goes with it (once per point of
+        progress: a second save at the same point writes nothing)."""
         progress = self.progress
         if hf and progress.last_saved_samples != progress.samples_seen:
             path = recipe.save_checkpoint(progress.samples_seen)  # every rank takes part (FSDP2 gathers)
@@ -284,7 +286,12 @@ class Run:
                     self.mirror.add(path)
                 self.reporter.saved(path)
             progress.last_saved_samples = progress.samples_seen
-        recipe.save_state(progress.state(self.clock()))
+        state = progress.state(self.clock())
+        where = {k: v for k, v in state.items() if k != "elapsed"}
+        if where == self.state_saved:  # e.g. the final save right after a scheduled one: at 8B each is ~100 GB
+            return
+        recipe.save_state(state)
+        self.state_saved = where
         if self.mirror:
             self.mirror.add(ckpt.complete_states(self.root)[-1])
 
