@@ -254,7 +254,8 @@ def test_a_callback_that_cannot_travel_is_refused_before_launch(kwargs, tmp_path
 
 @pytest.mark.slow
 def test_fsdp2_two_processes_then_resume_follow_the_one_process_run(kwargs, reference, tmp_path):
-    """FSDP2 for 2 steps, then resumed under FSDP2 to 4: the full HF checkpoint and the loss curve match."""
+    """FSDP2 for 2 steps, then resumed under FSDP2 to 4: the full HF checkpoint and the loss curve match. The
+    training state is sharded (each rank wrote its own part); it also resumes in one process (read whole)."""
     from transformers import AutoModelForCausalLM
 
     from training_hub import sft
@@ -266,11 +267,109 @@ def test_fsdp2_two_processes_then_resume_follow_the_one_process_run(kwargs, refe
     assert set(load_weights(first.checkpoint_path)) == set(load_weights(reference / "sft_2_steps" / "hf_format" /
                                                                         "samples_14"))
     assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+    state = out / "state" / "step_000000002"
+    assert {p.relative_to(state).as_posix() for p in state.rglob("*") if p.is_file()} == {
+        "sharded/.metadata", "sharded/__0_0.distcp", "sharded/__1_0.distcp", "scheduler.pt", "rng.pt", "rng_1.pt",
+        "trainer_state.json"}  # no model.pt/optimizer.pt: nothing was gathered for the state
+    alone = tmp_path / "alone"
+    shutil.copytree(out, alone, ignore=shutil.ignore_patterns("hf_format"))
     done = sft(ckpt_output_dir=str(out), nproc_per_node=2, strategy="fsdp2", resume=True,
                resume_changes=["max_steps"], **kwargs)
     assert done.metrics["steps"] == STEPS
     shutil.rmtree(out / "hf_format" / "samples_14")  # compare the final checkpoint
     assert_same_run(out, reference / "sft", "sft fsdp2 x2 (resumed at step 2)")
+    sft(ckpt_output_dir=str(alone), resume=True, resume_changes=["max_steps"], **kwargs)
+    assert_same_run(alone, reference / "sft", "sft fsdp2 x2 -> 1 process (resumed from the sharded state)")
+
+
+@pytest.mark.slow
+def test_fsdp2_resumes_a_one_process_state(kwargs, reference, tmp_path):
+    """A one-process state (model.pt, optimizer.pt) continues under FSDP2: rank 0 reads it, each rank its shards."""
+    from training_hub import sft
+
+    out = tmp_path / "run"
+    shutil.copytree(reference / "sft_2_steps", out, ignore=shutil.ignore_patterns("hf_format"))
+    assert (out / "state" / "step_000000002" / "model.pt").is_file()
+    sft(ckpt_output_dir=str(out), nproc_per_node=2, strategy="fsdp2", resume=True, resume_changes=["max_steps"],
+        **kwargs)
+    assert_same_run(out, reference / "sft", "sft 1 process -> fsdp2 x2 (resumed at step 2)")
+
+
+SAVE_PROBE = textwrap.dedent("""
+    import json, os, time
+    if os.environ.get("RANK") is not None:  # a torchrun worker: record the full-state gathers; rank 1 writes its
+        from torch.distributed.checkpoint import filesystem, state_dict  # shards late, and dies in its third save
+        rank, log = os.environ["RANK"], os.path.join(os.environ["TRAINING_HUB_TEST_PROBE"], "rank%s.jsonl")
+
+        def note(**record):
+            with open(log % rank, "a") as out:
+                out.write(json.dumps(record) + "\\n")
+
+        def tensors(value):
+            if hasattr(value, "numel"):
+                return [value]
+            items = value.values() if isinstance(value, dict) else value if isinstance(value, (list, tuple)) else ()
+            return [t for item in items for t in tensors(item)]
+
+        def counted(real):
+            def call(*args, **kwargs):
+                result = real(*args, **kwargs)
+                if kwargs.get("options") is not None and kwargs["options"].full_state_dict:
+                    note(event="gather", function=real.__name__,
+                         bytes=sum(t.numel() * t.element_size() for t in tensors(result)))
+                return result
+            return call
+
+        state_dict.get_model_state_dict = counted(state_dict.get_model_state_dict)
+        state_dict.get_state_dict = counted(state_dict.get_state_dict)
+        real_write, saves = filesystem.FileSystemWriter.write_data, []
+
+        def write_data(self, plan, planner):
+            saves.append(1)
+            if rank == "1":
+                time.sleep(1.5)  # rank 0 has written its part long before
+                if len(saves) == 3:
+                    os._exit(9)  # killed while writing its shards of the third state
+            note(event="shards", directory=str(self.path))
+            return real_write(self, plan, planner)
+
+        filesystem.FileSystemWriter.write_data = write_data
+""")
+
+
+@pytest.mark.slow
+def test_fsdp2_gathers_the_model_once_per_save_and_a_killed_save_leaves_no_whole_state(kwargs, tmp_path,
+                                                                                       monkeypatch):
+    """Each save writes an HF checkpoint and a training state: the model is gathered to rank 0 once (for the HF
+    checkpoint), the state not at all. trainer_state.json comes after every rank's shards; when a rank dies while
+    writing its shards, no state with the final name appears."""
+    from training_hub import sft
+    from training_hub.engine.checkpoint import complete_states
+    from training_hub.engine.launch import WorkerError
+
+    shim, probe, out = tmp_path / "shim", tmp_path / "probe", tmp_path / "run"
+    shim.mkdir()
+    probe.mkdir()
+    (shim / "sitecustomize.py").write_text(SAVE_PROBE)  # test-only: reaches the workers via PYTHONPATH
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(shim), os.environ.get("PYTHONPATH", "")]))
+    monkeypatch.setenv("TRAINING_HUB_TEST_PROBE", str(probe))
+    with pytest.raises(WorkerError):
+        sft(ckpt_output_dir=str(out), nproc_per_node=2, strategy="fsdp2", save_samples=7,
+            **{**kwargs, "max_steps": 3})
+    records = [json.loads(line) for line in (probe / "rank0.jsonl").read_text().splitlines()]
+    gathers = [r for r in records if r["event"] == "gather"]
+    assert [r["function"] for r in gathers] == ["get_model_state_dict"] * 3  # one per HF checkpoint, none for states
+    assert sorted(p.name for p in (out / "hf_format").iterdir()) == ["samples_14", "samples_21", "samples_7"]
+    assert complete_states(out) == [out / "state" / "step_000000002"]  # the third state was never completed
+    assert not (out / "state" / "step_000000003").exists()
+    state = complete_states(out)[0]
+    files = [p for p in state.rglob("*") if p.is_file() and p.name != "trainer_state.json"]
+    assert {"__0_0.distcp", "__1_0.distcp", "rng_1.pt"} <= {p.name for p in files}
+    assert (state / "trainer_state.json").stat().st_mtime_ns >= max(p.stat().st_mtime_ns for p in files)
+    shards = sum(p.stat().st_size for p in files if p.suffix == ".distcp")
+    print(f"rank 0 gathered {gathers[0]['bytes']} bytes per save (the HF export's model); the training state "
+          f"({shards} bytes of model and optimizer shards) was written without a gather")
+    assert gathers[0]["bytes"] < shards / 2
 
 
 @pytest.mark.slow

@@ -164,9 +164,9 @@ def test_gradient_checkpointing_is_exact_and_bf16_autocast_is_close(tiny_model_d
 # ------------------------------------------------------------------------------------- planning errors
 
 def test_sample_longer_than_token_budget_fails_before_the_model_loads(tiny_model_dir, tmp_path, monkeypatch):
-    from training_hub.engine import trainer
+    from training_hub.engine import loading
 
-    monkeypatch.setattr(trainer, "load_model", lambda *a, **k: pytest.fail("model loaded before planning"))
+    monkeypatch.setattr(loading, "load_model", lambda *a, **k: pytest.fail("model loaded before planning"))
     docs = tmp_path / "docs.jsonl"
     docs.write_text("".join(json.dumps({"document": "the quick brown fox " * 40}) + "\n" for _ in range(4)))
     with pytest.raises(ValueError, match=r"longer than max_tokens_per_gpu=32 .*Raise max_tokens_per_gpu"):
@@ -182,17 +182,17 @@ def test_multi_process_is_a_clear_error(tiny_model_dir, chat_data, tmp_path):
 
 def test_micro_batches_never_exceed_the_token_budget(tiny_model_dir, tmp_path, monkeypatch):
     """Count the tokens of every forward the engine runs, on a step that needs several micro-batches."""
-    from training_hub.engine import trainer
+    from training_hub.engine import loading
 
     seen = []
-    real_load = trainer.load_model
+    real_load = loading.load_model
 
     def load_and_watch(*args, **kwargs):
         model, dtype = real_load(*args, **kwargs)
         model.register_forward_pre_hook(lambda mod, a, kw: seen.append(kw["input_ids"].shape[1]), with_kwargs=True)
         return model, dtype
 
-    monkeypatch.setattr(trainer, "load_model", load_and_watch)
+    monkeypatch.setattr(loading, "load_model", load_and_watch)
     data = write_chat(tmp_path / "big.jsonl", repeats=16)  # 96 samples
     result = train(tiny_model_dir, data, tmp_path / "out", max_seq_len=64, max_tokens_per_gpu=64,
                    effective_batch_size=48, max_steps=2, save_final_checkpoint=False)
@@ -364,3 +364,17 @@ def test_peak_memory_is_this_programs_own_not_the_forking_parents():
                                     check=True).stdout)
     assert child_peak < 400 * 2**20, child_peak / 2**20
     del ballast
+
+
+def test_a_training_state_is_written_once_per_point_of_progress(tiny_model_dir, chat_data, tmp_path, monkeypatch):
+    """save_samples falling on the last step and the final save: one state there, not two (at 8B each is ~100 GB)."""
+    from training_hub.engine import trainer
+
+    written = []
+    real = trainer.SFTRecipe.save_state
+    monkeypatch.setattr(trainer.SFTRecipe, "save_state",
+                        lambda self, progress: written.append(progress["global_step"]) or real(self, progress))
+    result = train(tiny_model_dir, chat_data, tmp_path / "out", effective_batch_size=4, max_steps=2, save_samples=4)
+    assert result.status == "success"
+    assert written == [1, 2]
+    assert sorted(p.name for p in (tmp_path / "out" / "hf_format").iterdir()) == ["samples_4", "samples_8"]

@@ -37,6 +37,7 @@ from training_hub.data.sources import fingerprint
 from training_hub.engine import checkpoint as ckpt
 from training_hub.engine import distributed, plan, storage
 from training_hub.engine.batching import IGNORE_INDEX, Step, config_epoch, pack, pack_into_micro_batches
+from training_hub.engine.compile import compile_model
 from training_hub.engine.loss import num_targets, packed_logits
 from training_hub.engine.model import device_and_autocast, load_model
 from training_hub.engine.run import (
@@ -112,8 +113,9 @@ def packed_sequence_logps(model, row: dict) -> torch.Tensor:
     mask = row["loss_mask"]
     logits = packed_logits(model, row, mask)
     token_logps = -F.cross_entropy(logits.float(), row["targets"][mask], reduction="none")
-    bounds = torch.tensor(row["sample_bounds"], device=mask.device)
-    sequence = torch.repeat_interleave(torch.arange(len(bounds) - 1, device=mask.device), bounds.diff())
+    bounds = row["cu_seqlens"]  # already on the device (batching.pack)
+    sequence = torch.repeat_interleave(torch.arange(len(bounds) - 1, device=mask.device), bounds.diff(),
+                                       output_size=mask.shape[1])
     return torch.zeros(len(bounds) - 1, device=mask.device).index_add(0, sequence[mask[0]], token_logps)
 
 
@@ -270,6 +272,7 @@ def train_dpo(config: Any) -> TrainingResult:
 
         plan.check_fits(config, None, lambda: plan.dpo_run_data(data, tokenizer), device)  # CUDA: before loading
         model, save_dtype = load_model(config, device)
+        compile_model(model, config, device)  # torch_compile: regional, self-checked (engine.compile)
         trainable = [p for p in model.parameters() if p.requires_grad]
         optimizer, scheduler = optimizer_and_scheduler(config, trainable, total)
         recipe = DPORecipe(config, device=device, autocast=autocast, data=data, tokenizer=tokenizer, model=model,

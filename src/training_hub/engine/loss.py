@@ -26,8 +26,7 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.checkpoint import checkpoint
 
-from training_hub.engine.attention import BOUNDS_KWARG
-from training_hub.engine.attention import NAME as PACKED_ATTENTION
+from training_hub.engine.attention import attention_kwargs
 
 logger = logging.getLogger(__name__)
 
@@ -41,16 +40,16 @@ def packed_logits(model: torch.nn.Module, row: dict, keep: torch.Tensor) -> torc
     """Logits of one packed row (see ``batching.pack``) at the positions ``keep``: a bool (1, T) mask, or the 1-D
     positions themselves (``row["loss_index"]``).
 
-    Each sample attends only to itself: with ``attention.packed_sdpa`` (see ``attention.use_packed_attention``)
-    through the sample bounds; otherwise because ``position_ids`` restart per sample and no attention mask is
-    passed, from which transformers builds a block-diagonal causal mask. ``use_cache=False`` is required for
-    that detection (with a cache, transformers skips it and samples would see each other).
+    Each sample attends only to itself: with ``attention.packed_varlen`` or ``attention.packed_sdpa`` (see
+    ``attention.use_packed_attention``) through the row's sample offsets; otherwise because ``position_ids``
+    restart per sample and no attention mask is passed, from which transformers builds a block-diagonal causal
+    mask. ``use_cache=False`` is required for that detection (with a cache, transformers skips it and samples
+    would see each other).
     Returns a (num_kept, vocab) tensor.
     """
     inner = model.module if isinstance(model, DistributedDataParallel) else model  # call DDP, read the model
     kwargs = dict(input_ids=row["input_ids"], position_ids=row["position_ids"], use_cache=False)
-    if getattr(inner.config, "_attn_implementation", None) == PACKED_ATTENTION:
-        kwargs[BOUNDS_KWARG] = row["sample_bounds"]
+    kwargs.update(attention_kwargs(getattr(inner.config, "_attn_implementation", None), row))
     if _accepts_logits_to_keep(type(inner)):
         logits = model(**kwargs, logits_to_keep=keep).logits
         return logits.reshape(-1, logits.shape[-1])

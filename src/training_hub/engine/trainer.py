@@ -4,7 +4,8 @@
 model, optimizer), then :func:`training_hub.engine.run.execute` drives the epochs and calls back into
 :class:`SFTRecipe` for what only SFT knows: its step (token-budget micro-batches packed without padding, the loss
 summed over the step's loss-bearing tokens, see ``loss``), its validation loss, and how its checkpoints are
-written (HF format; FSDP2 gathers the shards; OSFT and LoRA export through their method).
+written (HF format; FSDP2 gathers the shards, once per save; OSFT and LoRA export through their method; under FSDP2
+the training state is written in shards by every rank, ``engine.sharded``).
 
 Inside a torchrun worker this is one rank of the run (see ``engine.distributed``): every rank returns the same
 result, rank 0 alone writes.
@@ -26,9 +27,11 @@ from training_hub.data.training import TrainingData, prepare_training_data
 from training_hub.engine import checkpoint as ckpt
 from training_hub.engine import distributed, plan, storage
 from training_hub.engine.batching import Step, config_epoch, pack, pack_into_micro_batches
+from training_hub.engine.compile import compile_model
 from training_hub.engine.loss import fused_head_loss, num_targets, step_loss_and_backward, token_loss_sum
 from training_hub.engine.method import TrainingMethod
-from training_hub.engine.model import device_and_autocast, load_model
+from training_hub.engine.loading import build_model
+from training_hub.engine.model import device_and_autocast
 from training_hub.engine.run import (
     Progress, Run, StepOutcome, execute, optimizer_and_scheduler, resume, run_plan, seed_everything, total_steps,
 )
@@ -137,17 +140,27 @@ class SFTRecipe:
                                        float_name=method.float_checkpoint_names)
 
     def save_state(self, progress: dict) -> None:
+        if self.ranks.fsdp:  # each rank writes its shards, nothing is gathered (engine.sharded)
+            from training_hub.engine import sharded
+
+            if sharded.save(self.root, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler,
+                            progress=progress, ranks=self.ranks):
+                return
         model_state, optimizer_state = distributed.full_training_state(self.model, self.optimizer, self.ranks)
         if self.ranks.is_main:
             ckpt.save_training_state(self.root, model=self.raw, optimizer=self.optimizer, scheduler=self.scheduler,
                                      progress=progress, model_state=model_state, optimizer_state=optimizer_state)
 
     def load_state(self, path: Path) -> dict:
-        if self.ranks.fsdp:  # rank 0 reads the full state, every rank loads its shards
+        if self.ranks.fsdp and ckpt.is_sharded(path):  # every rank reads its shards (DCP reshards)
+            from training_hub.engine import sharded
+
+            sharded.load(path, model=self.model, optimizer=self.optimizer, ranks=self.ranks)
+        elif self.ranks.fsdp:  # a one-process state: rank 0 reads it, every rank loads its shards
             distributed.load_full_training_state(self.model, self.optimizer, path, self.ranks)
         return ckpt.load_training_state(path, model=None if self.ranks.fsdp else self.raw,
                                         optimizer=None if self.ranks.fsdp else self.optimizer,
-                                        scheduler=self.scheduler, device=self.device)
+                                        scheduler=self.scheduler, device=self.device, rank=self.ranks.rank)
 
     def result_metrics(self, progress: Progress) -> dict:
         return {"final_loss": progress.last.get("loss"), "validation_loss": progress.last_validation.get("loss")}
@@ -186,11 +199,10 @@ def train_sft_rank(config: Any, method: TrainingMethod, ranks: distributed.Ranks
                                           num_train_samples=len(data.train), **method.plan_keys()))
 
         plan.check_fits(config, method, lambda: plan.sft_run_data(data, tokenizer), device)  # CUDA: before loading
-        raw, save_dtype = load_model(config, device)
-        method.prepare_model(raw)
-        model = distributed.wrap_model(raw, ranks, device,  # what the loop calls: raw, DDP(raw) or raw made FSDP2
-                                       cpu_offload=fsdp_cpu_offload(getattr(config, "fsdp_options", None)),
-                                       param_dtype=compute)
+        raw, model, save_dtype = build_model(  # model: what the loop calls (raw, DDP(raw) or raw made FSDP2);
+            config, method, ranks, device,      # under FSDP2 only rank 0 reads the weights
+            cpu_offload=fsdp_cpu_offload(getattr(config, "fsdp_options", None)), param_dtype=compute)
+        compile_model(raw, config, device, fsdp=ranks.fsdp)  # torch_compile: regional, self-checked (engine.compile)
         trainable = [p for p in raw.parameters() if p.requires_grad]
         optimizer, scheduler = optimizer_and_scheduler(config, trainable, total)
         recipe = SFTRecipe(config, method=method, ranks=ranks, device=device, autocast=autocast, data=data,
