@@ -14,7 +14,11 @@ On CUDA, on a generated ~1B-parameter Llama-style model (built offline by ``make
   against its logits alone; the varlen kernel against exact per-sample attention, GQA and a sliding window,
   outputs and gradients) and why faster paths were refused; and the varlen kernel's forward + backward time
   against per-sample SDPA on a 16k-token row of 30 samples with Llama-3-8B's attention heads;
-* with more than one GPU, sft under DDP and under FSDP2 on all of them (``nproc_per_node``).
+* sft again with ``torch_compile=True``, with ``optimizer_state_dtype="bfloat16"`` and, where liger-kernel is
+  installed, with ``use_liger=True``; the first sft run also writes its Hugging Face checkpoint. A run that fails
+  is reported with its error and the check goes on;
+* with more than one GPU, sft under DDP and under FSDP2 on all of them (``nproc_per_node``), which also load
+  on rank 0 only and write their final checkpoint with a sharded training state.
 
 Everywhere, the 8B dry run: Llama-3-8B's shapes built on the meta device (no memory, no weights), its exact
 parameter count, and the per-GPU memory the engine's defaults need (see ``dry_run``) for 1 x H200 and 8 x H100
@@ -27,6 +31,7 @@ The last line printed is machine-readable JSON.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import random
 import shutil
@@ -121,15 +126,24 @@ def write_data(root: Path, n: int) -> tuple[Path, Path]:
 
 
 def one_run(name: str, fn, model: Path, data: Path, out: Path, params: int, peak: float, **kw) -> dict:
+    """One training run; a failure is recorded in its row (with the error) and the check goes on to the next run."""
     torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
-    result = fn(str(model), str(data), str(out), disable_progress_bar=True, save_final_checkpoint=False, **kw)
+    kw = {"disable_progress_bar": True, "save_final_checkpoint": False, **kw}
+    try:
+        result = fn(str(model), str(data), str(out), **kw)
+    except Exception as exc:  # noqa: BLE001 - device time is scarce: report it and run the rest
+        row = {"run": name, "status": "error", "error": f"{type(exc).__name__}: {exc}"[:2000],
+               "wall_seconds": round(time.perf_counter() - start, 1)}
+        print(json.dumps(row), flush=True)
+        return row
     metrics = result.metrics
     tps = metrics.get("tokens_per_second") or 0.0
     row = {"run": name, "status": result.status, "steps": metrics.get("steps"), "tokens_per_second": round(tps),
            "mfu": round(6 * params * tps / peak, 4) if peak else None,
            "peak_memory_gib": round((metrics.get("peak_memory_bytes") or 0) / GIB, 2),
-           "final_loss": metrics.get("final_loss"), "wall_seconds": round(time.perf_counter() - start, 1)}
+           "final_loss": metrics.get("final_loss"), "wall_seconds": round(time.perf_counter() - start, 1),
+           "checkpoint": result.checkpoint_path}
     print(json.dumps(row), flush=True)
     return row
 
@@ -198,16 +212,24 @@ def gpu_runs(args, root: Path) -> dict:
     chat, pairs = write_data(root, 64 if args.quick else 512)
     common = dict(max_steps=args.steps, effective_batch_size=32, max_seq_len=1024, max_tokens_per_gpu=16384,
                   learning_rate=1e-5)
-    rows = [one_run("sft", sft, model, chat, root / "sft", params, peak, **common),
+    rows = [one_run("sft", sft, model, chat, root / "sft", params, peak, save_final_checkpoint=True, **common),
             one_run("osft", osft, model, chat, root / "osft", params, peak, unfreeze_rank_ratio=0.25, **common),
             one_run("lora_sft", lora_sft, model, chat, root / "lora", params, peak, **common),
             one_run("dpo", dpo, model, pairs, root / "dpo", params, peak,
-                    **{**common, "max_tokens_per_gpu": 4096, "max_seq_len": 1024})]
+                    **{**common, "max_tokens_per_gpu": 4096, "max_seq_len": 1024}),
+            # the options a large run turns on: regional torch.compile (self-checked), bf16 AdamW moments, Liger
+            one_run("sft torch_compile", sft, model, chat, root / "sft-compile", params, peak, torch_compile=True,
+                    **common),
+            one_run("sft bf16 moments", sft, model, chat, root / "sft-bf16m", params, peak,
+                    optimizer_state_dtype="bfloat16", **common)]
+    if importlib.util.find_spec("liger_kernel") is not None:
+        rows.append(one_run("sft use_liger", sft, model, chat, root / "sft-liger", params, peak, use_liger=True,
+                            **common))
     if torch.cuda.device_count() > 1:
         for strategy in ("ddp", "fsdp2"):
             rows.append(one_run(f"sft {strategy} x{torch.cuda.device_count()}", sft, model, chat,
                                 root / f"sft-{strategy}", params, peak, nproc_per_node="auto", strategy=strategy,
-                                **common))
+                                save_final_checkpoint=True, **common))
     return {"parameters": params, "bf16_matmul_peak_flops": peak, **attention,
             "gpu": torch.cuda.get_device_name(), "gpus": torch.cuda.device_count(), "runs": rows}
 
