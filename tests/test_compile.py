@@ -95,6 +95,16 @@ def test_a_compile_failure_leaves_the_model_eager(tiny_model_dir, monkeypatch):
     assert all(layer._compiled_call_impl is None for layer in compiled.decoder_layers(model))
 
 
+def test_not_with_gradient_checkpointing_which_would_run_the_layers_uncompiled(tiny_model_dir):
+    from training_hub.engine.model import enable_checkpointing
+
+    model = _model(tiny_model_dir)
+    enable_checkpointing(model)
+    choice = compiled.use_compiled_layers(model, None)
+    assert not choice and "gradient_checkpointing" in choice.reason
+    assert all(layer._compiled_call_impl is None for layer in compiled.decoder_layers(model))
+
+
 def test_off_unless_asked_and_not_under_fsdp2(tiny_model_dir):
     from types import SimpleNamespace
 
