@@ -19,6 +19,7 @@ class NativeSFTBackend(BuiltinBackend):
     needs: ClassVar[tuple[str, ...]] = ("torch", "transformers", "datasets")
     install_hint: ClassVar[str] = "pip install training-hub"
     upstream_handles: ClassVar[tuple[str, ...]] = ("use_liger",)  # on CUDA with liger-kernel: engine.loss
+    upstream_needs: ClassVar[dict[str, str]] = {"use_liger": "liger_kernel"}
 
     @classmethod
     def is_available(cls) -> Availability:

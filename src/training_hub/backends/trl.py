@@ -408,6 +408,7 @@ class _TRLBackend(BuiltinBackend):
     name = "trl"
     needs: ClassVar[tuple[str, ...]] = ("torch", "transformers", "datasets", "trl", "accelerate")
     upstream_handles: ClassVar[tuple[str, ...]] = ("use_liger",)  # on CUDA; see training_hub.config.upstream
+    upstream_needs: ClassVar[dict[str, str]] = {"use_liger": "liger_kernel"}
     install_hint: ClassVar[str] = "pip install training-hub[trl]"
 
     @classmethod

@@ -102,8 +102,10 @@ def _cuda() -> bool:
 def handled(name: str, backend_cls: type) -> bool:
     """A backend lists in ``upstream_handles`` the upstream names it gives effect to on a CUDA machine (the trl
     backend: ``use_liger``; the instructlab-training and mini-trainer adapters, which run on CUDA only: theirs).
-    ``use_liger`` also needs the liger-kernel package."""
-    if name == "use_liger" and importlib.util.find_spec("liger_kernel") is None:
+    ``upstream_needs`` maps a name to the module it also needs here (native and trl: ``use_liger`` needs
+    ``liger_kernel``; the adapters' engines bring their own)."""
+    module = getattr(backend_cls, "upstream_needs", {}).get(name)
+    if module is not None and importlib.util.find_spec(module) is None:
         return False
     return name in getattr(backend_cls, "upstream_handles", ()) and _cuda()
 
