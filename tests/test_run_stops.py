@@ -32,9 +32,9 @@ def test_a_non_finite_loss_stops_the_run_and_nothing_of_it_is_saved(tiny_model_d
     real = loss_module.token_loss_sum
     calls = {"n": 0}
 
-    def poisoned(model, row):  # steps 1-2 are fine; the first micro-batch of step 3 gives NaN
+    def poisoned(model, row, *rest):  # steps 1-2 are fine; the first micro-batch of step 3 gives NaN
         calls["n"] += 1
-        value = real(model, row)
+        value = real(model, row, *rest)
         return value * float("nan") if calls["n"] > 2 else value
 
     monkeypatch.setattr(loss_module, "token_loss_sum", poisoned)
