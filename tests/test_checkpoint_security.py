@@ -128,3 +128,25 @@ def test_saved_state_directory_follows_the_umask(tmp_path):
     finally:
         os.umask(previous)
     assert state.stat().st_mode & 0o777 == 0o755
+
+
+def test_a_handed_over_state_dict_is_cast_in_place_freeing_each_fp32_tensor_and_keeping_ties():
+    """The FSDP2 export: the gathered fp32 weights are cast one tensor at a time, not beside a whole bf16 copy."""
+    import gc
+    import weakref
+
+    from training_hub.engine.checkpoint import cast_state_dict
+
+    embed = torch.randn(8, 4)
+    state = {"embed.weight": embed, "head.weight": embed, "norm.weight": torch.ones(4), "step": torch.tensor(3)}
+    originals = [weakref.ref(embed), weakref.ref(state["norm.weight"])]
+    del embed
+    out = cast_state_dict(state, torch.bfloat16, state)
+    gc.collect()
+    assert out is state
+    assert [ref() for ref in originals] == [None, None]  # nothing kept the fp32 tensors alive
+    assert state["embed.weight"] is state["head.weight"] and state["embed.weight"].dtype == torch.bfloat16
+    assert state["step"].dtype == torch.int64
+    model_state = {"w": torch.randn(2, 2)}
+    copy = cast_state_dict(model_state, torch.bfloat16, {})
+    assert model_state["w"].dtype == torch.float32 and copy["w"].dtype == torch.bfloat16  # the model's own: untouched
