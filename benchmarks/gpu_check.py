@@ -14,9 +14,9 @@ On CUDA, on a generated ~1B-parameter Llama-style model (built offline by ``make
   against its logits alone; the varlen kernel against exact per-sample attention, GQA and a sliding window,
   outputs and gradients) and why faster paths were refused; and the varlen kernel's forward + backward time
   against per-sample SDPA on a 16k-token row of 30 samples with Llama-3-8B's attention heads;
-* sft again without activation checkpointing, eager and with ``torch_compile=True`` (compile leaves checkpointed
-  layers eager), with ``optimizer_state_dtype="bfloat16"`` and, where liger-kernel is
-  installed, with ``use_liger=True``; the first sft run also writes its Hugging Face checkpoint. A run that fails
+* sft again without activation checkpointing, eager and with ``torch_compile=True``, with
+  ``optimizer_state_dtype="bfloat16"`` and, where liger-kernel is installed, with ``use_liger=True``; the first
+  sft run also writes its Hugging Face checkpoint. A run that fails
   is reported with its error and the check goes on;
 * with more than one GPU, sft under DDP and under FSDP2 on all of them (``nproc_per_node``), which also load
   on rank 0 only and write their final checkpoint with a sharded training state.

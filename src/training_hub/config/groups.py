@@ -125,9 +125,10 @@ class RuntimeParams(DeclaredConfig):
               "None: on with CUDA, off on CPU (where memory is rarely the limit and recomputing costs a third more).")
     torch_compile: bool = param(
         False, "Compile each decoder layer with torch.compile (native engine: sft, osft, lora_sft, dpo), kept only if "
-               "it matches eager numerically (else eager, with the reason logged; also with gradient_checkpointing or "
-               "FSDP2). Compiling takes one to a few minutes on CPU; it pays off on longer runs (CPU, 110M parameters: "
-               "1.5x per step with one thread, 1.05x with two; see docs/benchmarks.md).")
+               "it matches eager numerically (else eager, with the reason logged; also under FSDP2). With "
+               "gradient_checkpointing each compiled layer is checkpointed as a whole. Compiling takes one to a few "
+               "minutes on CPU; it pays off on longer runs (CPU, 110M parameters: 1.5x per step with one thread, "
+               "1.05x with two; see docs/benchmarks.md).")
     use_liger: bool = param(
         False, "Use Liger kernels on CUDA (needs liger-kernel): the native engine computes its output loss with Liger's "
                "fused linear cross-entropy, trl turns on its Liger integration. Ignored with a warning without CUDA "

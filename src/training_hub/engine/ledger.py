@@ -12,15 +12,18 @@ One set of counting rules serves both sides:
 
 Tensors are counted once per storage (a view and its base share one), parameters never as activations. With
 activation checkpointing, autograd keeps only each checkpointed layer's inputs (the layer recomputes the rest in
-the backward pass); the meter counts those inputs through a forward pre-hook on every checkpointed layer.
+the backward pass); the meter counts those inputs through a forward pre-hook on every checkpointed layer, whether
+transformers checkpoints it or ``engine.compile`` does, around a compiled layer (:func:`is_checkpointed`).
 """
 
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import torch
+
+from training_hub.engine.attention import BOUNDS_KWARG
 
 KEYS = ("parameters", "gradients", "optimizer", "activations")
 
@@ -60,9 +63,19 @@ def optimizer_bytes(optimizer: torch.optim.Optimizer) -> int:
     return unique_bytes(v for state in optimizer.state.values() for v in state.values() if torch.is_tensor(v))
 
 
+# set on a layer that ``engine.compile`` checkpoints around its compiled forward (transformers' own checkpoint off)
+CHECKPOINTED = "_training_hub_checkpointed"
+
+
+def is_checkpointed(module: torch.nn.Module) -> bool:
+    """Whether ``module`` is recomputed in the backward pass: marked by transformers (``gradient_checkpointing``) or
+    by ``engine.compile``, which checkpoints a compiled layer outside its compiled call (:data:`CHECKPOINTED`)."""
+    return getattr(module, "gradient_checkpointing", False) is True or getattr(module, CHECKPOINTED, False) is True
+
+
 def checkpointed_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
-    """The modules transformers recomputes in the backward pass (``gradient_checkpointing`` set on them)."""
-    return [m for m in model.modules() if getattr(m, "gradient_checkpointing", False) is True]
+    """The modules recomputed in the backward pass (:func:`is_checkpointed`)."""
+    return [m for m in model.modules() if is_checkpointed(m)]
 
 
 class SavedTensorMeter:
@@ -103,6 +116,8 @@ class SavedTensorMeter:
 
     def _layer_inputs(self, module, args, kwargs) -> None:
         if not self._reading and torch.is_grad_enabled():  # not the recomputation inside the backward pass
+            # the sample offsets: a host list, or (compiled layers) a few bytes of CPU tensor; not activations
+            kwargs = {k: v for k, v in kwargs.items() if k != BOUNDS_KWARG}
             for value in (*args, *kwargs.values()):
                 for t in (value if isinstance(value, (tuple, list)) else (value,)):
                     self._add(t)
@@ -164,6 +179,27 @@ class MemoryLedger:
         if self.device.type == "cuda":
             out["max_memory_allocated"] = int(torch.cuda.max_memory_allocated(self.device))
         return out
+
+
+def allocated_peak(fn: Callable[[], Any]) -> int:
+    """Peak bytes allocated above the start while ``fn()`` runs, on the CPU too (CUDA alone has
+    ``max_memory_allocated``): from the allocator's running total that ``torch.profiler`` records with every
+    allocation and free, inductor's buffers included. For tests and benchmarks; profiling slows ``fn`` down."""
+    from torch._C._profiler import _EventType
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events, stack = [], list(prof.profiler.kineto_results.experimental_event_tree())
+    while stack:
+        event = stack.pop()
+        stack.extend(event.children)
+        if event.tag == _EventType.Allocation:
+            events.append((event.start_time_ns, event.extra_fields.total_allocated, event.extra_fields.alloc_size))
+    if not events:
+        return 0
+    events.sort()
+    return max(total for _, total, _ in events) - (events[0][1] - events[0][2])
 
 
 def steps_to_watch(steps: list, first_global_step: int, already: int = 2) -> set[int]:
