@@ -14,7 +14,8 @@ On CUDA, on a generated ~1B-parameter Llama-style model (built offline by ``make
   against its logits alone; the varlen kernel against exact per-sample attention, GQA and a sliding window,
   outputs and gradients) and why faster paths were refused; and the varlen kernel's forward + backward time
   against per-sample SDPA on a 16k-token row of 30 samples with Llama-3-8B's attention heads;
-* sft again without activation checkpointing, eager and with ``torch_compile=True``, with
+* sft again with ``torch_compile=True`` (with the default activation checkpointing, and both eager and compiled
+  without it), with
   ``optimizer_state_dtype="bfloat16"`` and, where liger-kernel is installed, with ``use_liger=True``; the first
   sft run also writes its Hugging Face checkpoint. A run that fails
   is reported with its error and the check goes on;
@@ -219,11 +220,13 @@ def gpu_runs(args, root: Path) -> dict:
             one_run("dpo", dpo, model, pairs, root / "dpo", params, peak,
                     **{**common, "max_tokens_per_gpu": 4096, "max_seq_len": 1024}),
             # the options a large run turns on: regional torch.compile (self-checked), bf16 AdamW moments, Liger
-            # compile keeps a layer eager under activation checkpointing (engine.compile): both arms without it
+            # compile with the defaults (checkpointed layers: against the first sft run) and without checkpointing
+            one_run("sft torch_compile", sft, model, chat, root / "sft-compile", params, peak, torch_compile=True,
+                    **common),
             one_run("sft no checkpointing", sft, model, chat, root / "sft-nockpt", params, peak,
                     gradient_checkpointing=False, **common),
-            one_run("sft torch_compile", sft, model, chat, root / "sft-compile", params, peak, torch_compile=True,
-                    gradient_checkpointing=False, **common),
+            one_run("sft torch_compile no checkpointing", sft, model, chat, root / "sft-compile-nockpt", params,
+                    peak, torch_compile=True, gradient_checkpointing=False, **common),
             one_run("sft bf16 moments", sft, model, chat, root / "sft-bf16m", params, peak,
                     optimizer_state_dtype="bfloat16", **common)]
     if importlib.util.find_spec("liger_kernel") is not None:
