@@ -219,8 +219,9 @@ def test_projections_remove_exactly_the_frozen_components():
         assert (m.U_high.T @ m.U_low).abs().max() < 1e-5 and (m.V_high.T @ m.V_low).abs().max() < 1e-5
 
 
-def test_the_parameter_projection_runs_without_tf32_and_restores_the_setting(monkeypatch):
+def test_the_engine_projects_parameters_without_tf32_and_restores_the_setting(monkeypatch):
     """TF32 (on for CUDA training, engine.model) would leave ~3e-5 of the frozen directions per projection."""
+    from training_hub.engine import osft as engine_osft
     from training_hub.osft_core import project
 
     model = Toy()
@@ -229,10 +230,11 @@ def test_the_parameter_projection_runs_without_tf32_and_restores_the_setting(mon
     real = project.project_out
     monkeypatch.setattr(project, "project_out",
                         lambda *a: seen.append(torch.backends.cuda.matmul.allow_tf32) or real(*a))
+    method = engine_osft.OSFTMethod(unfreeze_rank_ratio=0.5, target_patterns=["up_proj"], freeze_non_targets=True)
     saved = torch.backends.cuda.matmul.allow_tf32  # a property-like setting: monkeypatch cannot restore it
     torch.backends.cuda.matmul.allow_tf32 = True
     try:
-        project_parameters(model)
+        method.after_step(model)
         assert seen and not any(seen)
         assert torch.backends.cuda.matmul.allow_tf32
     finally:

@@ -44,6 +44,8 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from training_hub.engine.precision import exact_fp32_matmuls
+
 logger = logging.getLogger(__name__)
 
 NAME = "training_hub_packed_sdpa"  # per-sample SDPA
@@ -227,18 +229,6 @@ def attention_kwargs(implementation: str | None, row: dict) -> dict:
 
 # ------------------------------------------------------------------------------------------------ self-checks
 
-@contextlib.contextmanager
-def _exact_matmuls():
-    """TF32 off for the self-check (the engine turns it on for CUDA training): the check is about where attention
-    looks, so it compares full-precision results."""
-    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
-
-
 def _relative(value: torch.Tensor, reference: torch.Tensor) -> float:
     """max |value - reference| relative to max |reference| (at least 1)."""
     value, reference = value.detach().float(), reference.detach().float()
@@ -262,7 +252,7 @@ def packing_error(model, packed_implementation: str, reference_implementation: s
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad(), _exact_matmuls(), precision:
+        with torch.no_grad(), exact_fp32_matmuls(), precision:
             model.set_attn_implementation(reference_implementation)
             alone = torch.cat([model(input_ids=x[None], use_cache=False).logits[0] for x in (a, b)])
             model.set_attn_implementation(packed_implementation)
@@ -285,7 +275,7 @@ def kernel_error(kernel: VarlenKernel, device, dtype: torch.dtype) -> float:
     q, k, v = (torch.randn(32, heads, 64, generator=g).to(device, dtype) for heads in (4, 2, 2))
     grad = torch.randn(32, 4, 64, generator=g).to(device, dtype)
     errors = []
-    with _exact_matmuls():
+    with exact_fp32_matmuls():
         for window in (None, 4):
             inputs = [x.clone().requires_grad_() for x in (q, k, v)]
             out = kernel.fn(*inputs, offsets, 19, scale=None, window=(-1, 0) if window is None else (window - 1, 0),

@@ -6,6 +6,7 @@ import logging
 from typing import Any
 
 from training_hub.engine.method import TrainingMethod
+from training_hub.engine.precision import exact_fp32_matmuls
 from training_hub.osft_core.decompose import apply_osft
 from training_hub.osft_core.project import project_gradients, project_parameters
 from training_hub.osft_core.reconstruct import dense_state_dict
@@ -45,7 +46,8 @@ class OSFTMethod(TrainingMethod):
         project_gradients(model)
 
     def after_step(self, model) -> None:
-        project_parameters(model)
+        with exact_fp32_matmuls():  # the projection keeps the frozen directions: no TF32 (osft_core.project)
+            project_parameters(model)
 
     def export_state_dict(self, model, state_dict: dict | None = None) -> dict:
         return dense_state_dict(model, state_dict)

@@ -19,12 +19,13 @@ Import-cheap: only torch (and the standard library).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from pathlib import Path
 
 import torch
 
-__all__ = ["cpu_has_native_bf16", "autocast_dtype", "DTYPES"]
+__all__ = ["cpu_has_native_bf16", "autocast_dtype", "exact_fp32_matmuls", "DTYPES"]
 
 DTYPES = ("auto", "bfloat16", "float32")
 _BF16_CPU_FLAGS = {"amx_bf16", "avx512_bf16"}
@@ -84,3 +85,18 @@ def autocast_dtype(dtype: str, device: torch.device, hidden_size: int | None = N
         return torch.bfloat16
     wide = hidden_size is None or hidden_size >= CPU_BF16_MIN_HIDDEN
     return torch.bfloat16 if device.type == "cpu" and cpu_has_native_bf16() and wide else None
+
+
+@contextlib.contextmanager
+def exact_fp32_matmuls():
+    """CUDA fp32 matmuls (and cuDNN convolutions) without TF32 inside the block; the settings are restored after it.
+
+    The engine allows TF32 for CUDA training (``engine.model.device_and_autocast``); what must be exact opts out:
+    the numeric self-checks (``engine.attention``) and OSFT's parameter projection (``engine.osft``).
+    """
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved

@@ -9,18 +9,16 @@ of ``X`` by :func:`project_parameters` (after ``optimizer.step()``: Adam's per-e
 gradient into an update that is not exactly orthogonal any more). With V_low orthogonal to V_high,
 W' V_high = U_high diag(S_high): the frozen directions of W are kept exactly.
 
-The parameter projection runs in full fp32 even where the engine allows TF32 (CUDA): it is what keeps the frozen
-directions exact, and TF32's 10-bit inputs would leave a residual of about 3e-5 per projection where fp32 leaves
-6e-8 (docs/osft.md, "bf16"). The gradient projection may use TF32: its residual is removed by the parameter
-projection after the step.
+The parameter projection needs full fp32 matmuls: it is what keeps the frozen directions exact, and TF32's 10-bit
+inputs would leave a residual of about 3e-5 per projection where fp32 leaves 6e-8 (docs/osft.md, "bf16"); the
+native engine, which allows TF32 on CUDA, runs it without (``engine.osft``). The gradient projection may use TF32:
+its residual is removed by the parameter projection after the step.
 
 Each projection is local to its module and written in plain tensor ops; under FSDP2 the factors are DTensors
 sharded on dim 0, ``H^T X`` contracts over that dimension, and DTensor adds the (k x rank) all-reduce itself.
 """
 
 from __future__ import annotations
-
-import contextlib
 
 import torch
 
@@ -52,20 +50,8 @@ def project_gradients(model) -> None:
 
 @torch.no_grad()
 def project_parameters(model) -> None:
-    """Project the values of every U_low / V_low orthogonal to U_high / V_high (after ``optimizer.step()``), in
-    full fp32 (no TF32, see the module docstring)."""
-    with full_fp32_matmuls():
-        for module in osft_modules(model).values():
-            for frozen, trainable in ((module.U_high, module.U_low), (module.V_high, module.V_low)):
-                project_out(frozen, trainable.data)
-
-
-@contextlib.contextmanager
-def full_fp32_matmuls():
-    """CUDA fp32 matmuls without TF32 inside the block (the setting is restored after it)."""
-    saved = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = False
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = saved
+    """Project the values of every U_low / V_low orthogonal to U_high / V_high (after ``optimizer.step()``); in
+    full fp32 matmuls (no TF32), see the module docstring."""
+    for module in osft_modules(model).values():
+        for frozen, trainable in ((module.U_high, module.U_low), (module.V_high, module.V_low)):
+            project_out(frozen, trainable.data)
