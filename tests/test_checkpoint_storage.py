@@ -155,8 +155,20 @@ def put(fs, local, remote, *args):  # the upload of the second state stalls half
         time.sleep(600)
     real_put(fs, local, remote, *args)
 
+# The mirror skips a state when a newer one is already queued: keep step 4's state from being queued before
+# step 2's is uploaded (on a slow machine training outruns the uploads), so the test sees both.
+class WaitForTheFirstState(TrainingHubCallback):
+
+    def on_step_end(self, ctx):
+        if ctx.step == 3:
+            fs, deadline = storage.filesystem(sys.argv[5]), time.monotonic() + 120
+            while not storage.remote_entries(fs, "state").get("step_000000002") and time.monotonic() < deadline:
+                time.sleep(0.2)
+                fs.invalidate_cache()
+
 storage._put = put
-sft(sys.argv[1], sys.argv[2], sys.argv[3], checkpoint_storage=sys.argv[5], **{COMMON!r})
+sft(sys.argv[1], sys.argv[2], sys.argv[3], checkpoint_storage=sys.argv[5], callbacks=[WaitForTheFirstState()],
+    **{COMMON!r})
 """
 
 
