@@ -174,10 +174,16 @@ def _load(file: Path, **kwargs):
     except pickle.UnpicklingError as exc:
         lines = [ln.strip() for ln in str(exc).splitlines() if "unsupported" in ln.lower()]  # names the object
         first = lines[0].rstrip(".") if lines else type(exc).__name__
-        raise ValueError(
-            f"{file} cannot be read safely: it holds objects other than tensors and plain values ({first}), "
-            f"so it was not written by this version of training_hub and is not loaded. Delete the training state "
-            f"{file.parent} to resume from scratch, or start a new run in another ckpt_output_dir.") from None
+        raise unsafe_file_error(str(file), file.parent, first) from None
+
+
+def unsafe_file_error(what: str, state: Path, detail, allowed: str = "tensors and plain values") -> ValueError:
+    """The refusal of a training-state file ``what`` of the state ``state`` that holds objects other than
+    ``allowed`` (``detail``: the first one found); it was not loaded, so nothing in it ran."""
+    return ValueError(
+        f"{what} cannot be read safely: it holds objects other than {allowed} ({detail}), so it was not written by "
+        f"this version of training_hub and is not loaded. Delete the training state {state} to resume from scratch, "
+        "or start a new run in another ckpt_output_dir.")
 
 
 def save_training_state(root: Path, *, model, optimizer, scheduler, progress: dict, model_state: dict | None = None,

@@ -141,10 +141,7 @@ class _MetadataUnpickler(pickle.Unpickler):
 
 
 def _refused(what: str, state: Path, exc: Exception) -> ValueError:
-    return ValueError(
-        f"{what} cannot be read safely: it holds objects other than a checkpoint's metadata, tensors and plain "
-        f"values ({exc}), so it was not written by this version of training_hub and is not loaded. Delete the "
-        f"training state {state} to resume from scratch, or start a new run in another ckpt_output_dir.")
+    return ckpt.unsafe_file_error(what, state, exc, allowed="a checkpoint's metadata, tensors and plain values")
 
 
 class SafeReader(FileSystemReader):
