@@ -74,6 +74,7 @@ def test_the_meta_model_matches_the_loaded_model_and_reads_no_weights(tiny_model
 
 WORKER = textwrap.dedent('''
     import json, sys, torch
+    from pathlib import Path
     from types import SimpleNamespace
     import transformers
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
@@ -158,7 +159,8 @@ WORKER = textwrap.dedent('''
             tied=new_raw.lm_head.weight is new_raw.model.embed_tokens.weight,
             trainable=[n for n, p in new_raw.named_parameters() if p.requires_grad] ==
                       [n for n, p in old_raw.named_parameters() if p.requires_grad])
-    print(f"REPORT{ranks.rank} " + json.dumps(report), flush=True)
+    # one file per rank: two ranks printing to one pipe can interleave their lines
+    (Path(sys.argv[3]) / f"REPORT{ranks.rank}").write_text(json.dumps(report))
     distributed.teardown(ranks)
 ''')
 
@@ -169,11 +171,10 @@ def test_fsdp2_meta_loading_gives_every_method_the_model_every_rank_used_to_load
     script.write_text(WORKER)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--standalone",
-                           str(script), str(tiny_model_dir), json.dumps(OSFT)],
+                           str(script), str(tiny_model_dir), json.dumps(OSFT), str(tmp_path)],
                           capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    reports = {line.split(" ")[0]: json.loads(line.split(" ", 1)[1]) for line in proc.stdout.splitlines()
-               if line.startswith("REPORT")}
+    reports = {path.name: json.loads(path.read_text()) for path in tmp_path.glob("REPORT*")}
     assert set(reports) == {"REPORT0", "REPORT1"}
     full_bytes = reports["REPORT0"]["sft"]["old_held_bytes"]
     assert full_bytes > 0
