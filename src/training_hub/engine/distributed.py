@@ -220,9 +220,22 @@ def main_first(ranks: Ranks):
         barrier(ranks)
 
 
-def grad_norm_value(norm: torch.Tensor) -> float:
-    """``clip_grad_norm_``'s result as a float (a DTensor under FSDP2: the norm over all shards)."""
-    return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+def all_sum_on_device(ranks: Ranks, tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` summed over all ranks, left on its device: no host sync (NCCL queues the all-reduce on the
+    stream), unlike :func:`all_sum`. A no-op in one process."""
+    if ranks.distributed:
+        import torch.distributed as dist
+
+        dist.all_reduce(tensor)
+    return tensor
+
+
+def host_floats(*values: torch.Tensor) -> list[float]:
+    """0-d (or one-element) device tensors as floats, read in one host sync; a DTensor (``clip_grad_norm_``'s
+    result under FSDP2) counts as its full value, the norm over all shards."""
+    values = [v.full_tensor() if hasattr(v, "full_tensor") else v for v in values]
+    device = values[0].device  # (with FSDP2's CPU offload the norm is on the CPU, the loss on the GPU)
+    return torch.cat([v.detach().float().reshape(-1).to(device) for v in values]).tolist()
 
 
 # ------------------------------------------------------------------------------------------------- state

@@ -147,7 +147,8 @@ def chunked_output_loss(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.
 
 def step_loss_and_backward(model: torch.nn.Module, rows: list[dict], autocast, *, total_targets: int | None = None,
                            grad_scale: float = 1.0, accumulate=contextlib.nullcontext,
-                           head_loss: HeadLoss | None = None) -> tuple[float, int]:
+                           head_loss: HeadLoss | None = None, on_host: bool = True
+                           ) -> tuple[float | torch.Tensor, int]:
     """Forward and backward every micro-batch of one optimizer step; return (mean token loss, loss tokens).
 
     Each micro-batch's summed loss is divided by the loss-bearing tokens of the *whole step* before its backward,
@@ -157,7 +158,8 @@ def step_loss_and_backward(model: torch.nn.Module, rows: list[dict], autocast, *
     (default: those of ``rows``), ``grad_scale`` the number of ranks (DDP and FSDP2 average gradients over the
     ranks, so each rank's backward is scaled back up), and ``accumulate()`` wraps every backward but the last
     (DDP's ``no_sync``). The returned loss is then this rank's part of the step's mean; summed over ranks it is
-    the mean. ``head_loss``: see :func:`token_loss_sum`.
+    the mean. ``head_loss``: see :func:`token_loss_sum`. ``on_host=False`` returns the loss as a 0-d fp32 tensor
+    on the device, so the caller can read it together with the gradient norm in the step's one host sync.
     """
     if total_targets is None:
         total_targets = sum(num_targets(row) for row in rows)
@@ -171,7 +173,8 @@ def step_loss_and_backward(model: torch.nn.Module, rows: list[dict], autocast, *
             (scaled / denominator).backward()
         loss_sum = loss_sum.detach()
         loss_total = loss_sum if loss_total is None else loss_total + loss_sum
-    return loss_total.item() / denominator, total_targets  # the step's one host sync
+    loss = loss_total.float() / denominator
+    return (loss.item() if on_host else loss), total_targets
 
 
 def num_targets(row: dict) -> int:

@@ -70,9 +70,9 @@ def validation_loss(model, dataset, max_tokens: int, device, autocast,
     for k in range(passes):
         row = collate(dataset, mine[k], device) if k < len(mine) else distributed.empty_micro_batch(device)
         with autocast():
-            total += token_loss_sum(model, row).item()
+            total = total + token_loss_sum(model, row).detach().float()  # read once, after the loop
         targets += num_targets(row)
-    total, targets = distributed.all_sum(ranks, total, targets)
+    total, targets = distributed.all_sum(ranks, float(total), targets)
     model.train()
     return total / max(targets, 1), int(targets)
 
@@ -103,15 +103,17 @@ class SFTRecipe:
             (global_targets,) = distributed.all_sum(ranks, sum(num_targets(row) for row in rows))
             loss, loss_tokens = step_loss_and_backward(
                 model, rows, self.autocast, total_targets=int(global_targets), grad_scale=ranks.world_size,
-                accumulate=distributed.no_sync(model), head_loss=self.head_loss)
-            loss, stopping = distributed.all_sum(ranks, loss, float(stop()))
-            stopped = stopping > 0  # every rank stops after the same step
+                accumulate=distributed.no_sync(model), head_loss=self.head_loss, on_host=False)
+            # torch.full, not torch.tensor: a host-to-device copy would wait for the backward to finish
+            loss = distributed.all_sum_on_device(ranks, torch.stack([loss, torch.full_like(loss, float(stop()))]))
         else:
-            loss, loss_tokens = step_loss_and_backward(model, rows, self.autocast, head_loss=self.head_loss)
-            stopped = None
+            loss, loss_tokens = step_loss_and_backward(model, rows, self.autocast, head_loss=self.head_loss,
+                                                       on_host=False)
         self.method.before_step(self.raw)
         clip = self.config.max_grad_norm or float("inf")
-        grad_norm = distributed.grad_norm_value(torch.nn.utils.clip_grad_norm_(self.trainable, clip))
+        norm = torch.nn.utils.clip_grad_norm_(self.trainable, clip)  # clips on the device, without a host sync
+        *values, grad_norm = distributed.host_floats(loss, norm)  # the step's one host sync
+        loss, stopped = (values[0], values[1] > 0) if ranks.distributed else (values[0], None)  # ranks stop together
         lr = self.scheduler.get_last_lr()[0]
         if not (math.isfinite(loss) and math.isfinite(grad_norm)):  # the run stops here (engine.run): apply nothing
             self.optimizer.zero_grad(set_to_none=True)
