@@ -1,4 +1,4 @@
-"""Shared fixtures: a clean registry per test, and the tiny model built once per session."""
+"""Shared fixtures: a clean registry per test, the tiny model built once per session, host reads per step."""
 
 from __future__ import annotations
 
@@ -31,3 +31,46 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     from training_hub.tiny import make_tiny_model
 
     return make_tiny_model(tmp_path_factory.mktemp("tiny") / "model")
+
+
+@pytest.fixture
+def host_reads(monkeypatch):
+    """``host_reads(Recipe)`` -> a list that gets, per ``Recipe.train_step`` call, the reads of tensor values
+    (``item``/``tolist``/``float``/``int``/``bool``) made by training_hub's own code during that step: each one
+    is a host sync on a GPU."""
+    import inspect
+
+    import torch
+
+    import training_hub
+
+    package = str(Path(training_hub.__file__).parent)
+    reads, inside = [], [False]
+
+    def counted(name):
+        real = getattr(torch.Tensor, name)
+
+        def read(self, *args, **kwargs):
+            caller = inspect.currentframe().f_back
+            if inside[0] and caller.f_code.co_filename.startswith(package):
+                reads.append(f"{name} at {caller.f_code.co_filename}:{caller.f_lineno}")
+            return real(self, *args, **kwargs)
+        monkeypatch.setattr(torch.Tensor, name, read)
+
+    for name in ("item", "tolist", "__float__", "__int__", "__bool__"):
+        counted(name)
+
+    def watch(recipe) -> list[list[str]]:
+        real_step, per_step = recipe.train_step, []
+
+        def train_step(self, step, stop):
+            reads.clear()
+            inside[0] = True
+            try:
+                return real_step(self, step, stop)
+            finally:
+                inside[0] = False
+                per_step.append(list(reads))
+        monkeypatch.setattr(recipe, "train_step", train_step)
+        return per_step
+    return watch

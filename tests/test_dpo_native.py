@@ -133,3 +133,14 @@ def test_resume_continues_the_same_run(learned, tiny_model_dir, pref_path, tmp_p
     for a, b in zip(resumed, straight):
         assert a["loss"] == pytest.approx(b["loss"], abs=1e-5) and a["reward_margin"] == pytest.approx(
             b["reward_margin"], abs=1e-5)
+
+
+def test_a_dpo_step_reads_its_statistics_back_from_the_device_once(tiny_model_dir, pref_path, tmp_path, host_reads):
+    """Loss, reward statistics and gradient norm come back in one read per step (several micro-batches here)."""
+    from training_hub.engine import dpo as engine_dpo
+
+    per_step = host_reads(engine_dpo.DPORecipe)
+    dpo(str(tiny_model_dir), str(pref_path), str(tmp_path / "run"), backend="native", num_epochs=2,
+        max_tokens_per_gpu=128, **{**COMMON, "max_seq_len": 128})
+    assert len(per_step) == 2 and all(len(step) == 1 for step in per_step), per_step
+    assert all(math.isfinite(r["reward_margin"]) for r in train_lines(tmp_path / "run"))

@@ -380,41 +380,13 @@ def test_a_training_state_is_written_once_per_point_of_progress(tiny_model_dir, 
     assert sorted(p.name for p in (tmp_path / "out" / "hf_format").iterdir()) == ["samples_4", "samples_8"]
 
 
-def test_a_training_step_reads_values_back_from_the_device_once(tiny_model_dir, chat_data, tmp_path, monkeypatch):
-    """The loss and the gradient norm come back to the host together, in one read after the clip: on a GPU every
-    read waits for the queued work, so each one more is a stall per step. Counted here as our code's reads of
-    tensor values (``item``/``tolist``/``float``/``int``/``bool``) inside ``train_step``."""
-    import inspect
 
+def test_a_training_step_reads_values_back_from_the_device_once(tiny_model_dir, chat_data, tmp_path, host_reads):
+    """The loss and the gradient norm come back to the host together, in one read after the clip: on a GPU every
+    read waits for the queued work, so each one more is a stall per step."""
     from training_hub.engine import trainer
 
-    package = str(Path(trainer.__file__).parents[1])
-    reads, inside = [], [False]
-
-    def counted(name):
-        real = getattr(torch.Tensor, name)
-
-        def read(self, *args, **kwargs):
-            caller = inspect.currentframe().f_back
-            if inside[0] and caller.f_code.co_filename.startswith(package):
-                reads.append(f"{name} at {caller.f_code.co_filename}:{caller.f_lineno}")
-            return real(self, *args, **kwargs)
-        monkeypatch.setattr(torch.Tensor, name, read)
-
-    for name in ("item", "tolist", "__float__", "__int__", "__bool__"):
-        counted(name)
-    real_step, per_step = trainer.SFTRecipe.train_step, []
-
-    def train_step(self, step, stop):
-        reads.clear()
-        inside[0] = True
-        try:
-            return real_step(self, step, stop)
-        finally:
-            inside[0] = False
-            per_step.append(list(reads))
-
-    monkeypatch.setattr(trainer.SFTRecipe, "train_step", train_step)
+    per_step = host_reads(trainer.SFTRecipe)
     result = train(tiny_model_dir, chat_data, tmp_path / "run", max_steps=3, save_final_checkpoint=False)
     assert len(per_step) == 3 and result.metrics["steps"] == 3
     assert all(len(step) == 1 for step in per_step), per_step

@@ -148,14 +148,15 @@ def dpo_micro_batch(model, row: dict, reference: torch.Tensor, beta: float):
     return loss, logps.detach(), torch.stack([chosen, rejected], dim=1)
 
 
-def summarize(loss_sum: float, logps: list[torch.Tensor], rewards: list[torch.Tensor]) -> dict:
-    """Mean loss and reward statistics over the pairs of a step (or of the validation set)."""
+def summarize(loss_sum: torch.Tensor, logps: list[torch.Tensor], rewards: list[torch.Tensor]) -> dict:
+    """Mean loss and reward statistics over the pairs of a step (or of the validation set), as 0-d tensors still
+    on the device: the caller reads them in one host sync (``distributed.host_floats``)."""
     logps, rewards = torch.cat(logps), torch.cat(rewards)
     margins = rewards[:, 0] - rewards[:, 1]
-    return {"loss": loss_sum / len(margins), "reward_margin": margins.mean().item(),
-            "reward_accuracy": (margins > 0).float().mean().item(), "reward_chosen": rewards[:, 0].mean().item(),
-            "reward_rejected": rewards[:, 1].mean().item(), "logps_chosen": logps[:, 0].mean().item(),
-            "logps_rejected": logps[:, 1].mean().item()}
+    return {"loss": loss_sum / len(margins), "reward_margin": margins.mean(),
+            "reward_accuracy": (margins > 0).float().mean(), "reward_chosen": rewards[:, 0].mean(),
+            "reward_rejected": rewards[:, 1].mean(), "logps_chosen": logps[:, 0].mean(),
+            "logps_rejected": logps[:, 1].mean()}
 
 
 def step_loss_and_backward(model, micros: list[tuple[list[int], dict]], reference: torch.Tensor, beta: float,
@@ -167,7 +168,7 @@ def step_loss_and_backward(model, micros: list[tuple[list[int], dict]], referenc
         with autocast():
             loss, pair_logps, pair_rewards = dpo_micro_batch(model, row, reference[indices], beta)
         (loss * (len(indices) / num_pairs)).backward()
-        loss_sum += loss.item() * len(indices)
+        loss_sum = loss_sum + loss.detach().float() * len(indices)
         logps.append(pair_logps.float())
         rewards.append(pair_rewards.float())
     return summarize(loss_sum, logps, rewards)
@@ -183,11 +184,12 @@ def validation_stats(model, pairs: list[dict], reference: torch.Tensor, beta: fl
         with autocast():
             loss, pair_logps, pair_rewards = dpo_micro_batch(model, collate_pairs(pairs, micro, device),
                                                              reference[micro], beta)
-        loss_sum += loss.item() * len(micro)
+        loss_sum = loss_sum + loss.float() * len(micro)
         logps.append(pair_logps.float())
         rewards.append(pair_rewards.float())
     model.train()
-    return summarize(loss_sum, logps, rewards)
+    stats = summarize(loss_sum, logps, rewards)
+    return dict(zip(stats, distributed.host_floats(*stats.values())))
 
 
 # ---------------------------------------------------------------------------------------------------- train
@@ -215,7 +217,9 @@ class DPORecipe:
     def train_step(self, step: Step, stop: Callable[[], bool]) -> StepOutcome:
         micros = [(micro, collate_pairs(self.data.train, micro, self.device)) for micro in step.micro_batches]
         stats = step_loss_and_backward(self.model, micros, self.reference, self.config.beta, self.autocast)
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.trainable, self.config.max_grad_norm or float("inf")))
+        norm = torch.nn.utils.clip_grad_norm_(self.trainable, self.config.max_grad_norm or float("inf"))
+        *values, grad_norm = distributed.host_floats(*stats.values(), norm)  # the step's one host sync
+        stats = dict(zip(stats, values))
         lr = self.scheduler.get_last_lr()[0]
         loss = stats.pop("loss")
         loss_tokens = sum(num_targets(row) for _, row in micros)
