@@ -14,8 +14,8 @@ One run makes two comparisons, each in the same process, one trainer after the o
   TRL: ``SFTConfig`` defaults (bf16 autocast unless fp16, gradient checkpointing on, padded micro-batches of
   ``per_device_train_batch_size=8`` samples), apart from what must match: the effective batch (through
   gradient accumulation), steps, learning rate and schedule, and loss on assistant tokens only.
-* **equal**: the same precision (``--equal-dtype``, default bf16 autocast), padding-free micro-batches on both
-  sides (TRL: ``padding_free=True``, one packed row per micro-batch with restarting position ids, like ours), no
+* **equal**: the same precision (``--equal-dtype``, default the one "auto" picks), padding-free micro-batches on
+  both sides (TRL: ``padding_free=True``, one packed row per micro-batch with restarting position ids, like ours), no
   activation checkpointing on either side, SDPA. TRL's micro-batch size in samples is chosen so that its
   micro-batches hold about the same number of tokens as our ``max_tokens_per_gpu`` budget. When ours at its
   defaults already uses these settings, the one run of ours serves both comparisons.
@@ -182,7 +182,7 @@ def run_trl(model_dir: Path, chats: list[dict], out: Path, args, mean_tokens: fl
 
 
 def main(argv=None) -> dict:
-    from training_hub.engine.precision import autocast_dtype
+    from training_hub.engine.precision import autocast_dtype, cpu_has_native_bf16
 
     device_type = "cuda" if torch.cuda.is_available() else "cpu"
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -200,8 +200,9 @@ def main(argv=None) -> dict:
                         help="dtype passed to our sft() in the defaults comparison (default: what "
                              "precision.autocast_dtype('auto') picks for this device and model width; 'auto' passes "
                              "none)")
-    parser.add_argument("--equal-dtype", choices=("bfloat16", "float32"), default="bfloat16",
-                        help="precision of both trainers in the equal-settings comparison")
+    parser.add_argument("--equal-dtype", choices=("auto", "bfloat16", "float32"), default="auto",
+                        help="precision of both trainers in the equal-settings comparison (default: what "
+                             "precision.autocast_dtype('auto') picks, bf16 where the hardware does it natively)")
     parser.add_argument("--peak-seconds", type=float, default=1.0, help="seconds per matrix size and dtype")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--quick", action="store_true", help="3 steps of 16 samples, short peak measurements")
@@ -219,6 +220,11 @@ def main(argv=None) -> dict:
     auto = "bfloat16" if autocast_dtype("auto", torch.device(device_type),
                                         hidden_size=size["hidden_size"]) is torch.bfloat16 else "float32"
     args.ours_dtype = args.ours_dtype or auto
+    if args.equal_dtype == "auto":
+        args.equal_dtype = auto
+    # Without bf16 instructions (an AVX2-only CPU) torch emulates bf16 matmuls, tens of times slower than fp32:
+    # measure that peak on small matrices only (a 4096 square would take minutes), and say so.
+    native_bf16 = device_type == "cuda" or cpu_has_native_bf16()
 
     from transformers import AutoConfig, AutoTokenizer
 
@@ -242,8 +248,9 @@ def main(argv=None) -> dict:
     peaks = {"float32": [], "bfloat16": []}  # measured before, between and after the runs; the best is the peak
 
     def measure_peaks():
-        for name, dt in (("float32", torch.float32), ("bfloat16", torch.bfloat16)):
-            peaks[name].append(matmul_peak(dt, args.peak_seconds))
+        peaks["float32"].append(matmul_peak(torch.float32, args.peak_seconds))
+        peaks["bfloat16"].append(matmul_peak(torch.bfloat16, args.peak_seconds) if native_bf16 else
+                                 matmul_peak(torch.bfloat16, min(args.peak_seconds, 0.5), sizes=(256, 512)))
 
     ours_equal_dtype = auto if args.ours_dtype == "auto" else args.ours_dtype  # what "auto" should give
     plan = []  # (comparison, trainer, thunk)
@@ -283,6 +290,10 @@ def main(argv=None) -> dict:
           f"{args.max_tokens_per_gpu} tokens")
     print(f"matmul peaks in this run: fp32 {peak['float32'] / 1e9:.0f} GFLOP/s, bf16 {peak['bfloat16'] / 1e9:.0f} "
           f"GFLOP/s; MFU is against the peak of the dtype each trainer computes in")
+    if not native_bf16:
+        print("this CPU has no native bf16 (no AMX-BF16 or AVX512-BF16): torch emulates bf16 matmuls, so a trainer "
+              "in bf16 autocast runs far below fp32 here (our dtype='auto' picks fp32; TRL's SFTConfig defaults to "
+              "bf16)")
     print(f"ours at defaults used dtype={args.ours_dtype!r}"
           + (" (not passed: sft()'s own choice)" if args.ours_dtype == "auto" else
              f" (passed explicitly; precision.autocast_dtype('auto') gives {auto} on this {device_type})"))
@@ -309,7 +320,8 @@ def main(argv=None) -> dict:
     summary = {"benchmark": "sft_throughput", "size": args.size, "params": params,
                "vocab_size": model_config.vocab_size, "device": device, "steps": args.steps, "batch": args.batch,
                "max_tokens_per_gpu": args.max_tokens_per_gpu, "mean_tokens_per_sample": round(mean_tokens, 1),
-               "ours_dtype": args.ours_dtype, "auto_dtype": auto, "equal_dtype": args.equal_dtype,
+               "ours_dtype": args.ours_dtype, "auto_dtype": auto, "native_bf16": native_bf16,
+               "equal_dtype": args.equal_dtype,
                "matmul_peak_flops": peak, "matmul_peaks": peaks,
                "load_average_1m_after": round(__import__("os").getloadavg()[0], 2),
                "defaults": results["defaults"], "equal": results["equal"], "compiled": results["compiled"],

@@ -119,7 +119,8 @@ class RuntimeParams(DeclaredConfig):
 
     dtype: Literal["auto", "float32", "bfloat16"] = param(
         "auto", "Training precision (fp32 master weights): auto = bf16 autocast on CUDA, and on CPUs with native bf16 "
-                "(AMX/AVX512-BF16) for models of hidden size >= 512; fp32 elsewhere (tiny models train faster in fp32).")
+                "(AMX/AVX512-BF16) for models of hidden size >= 512; fp32 elsewhere (tiny models train faster in fp32). "
+                "'bfloat16' on a CPU without native bf16 is emulated by torch, about 8x slower, and warned about.")
     gradient_checkpointing: Optional[bool] = param(
         None, "Recompute activations in the backward pass to save memory (about 8 MB per token at 8B parameters); "
               "None: on with CUDA, off on CPU (where memory is rarely the limit and recomputing costs a third more).")
