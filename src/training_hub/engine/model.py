@@ -12,9 +12,8 @@ from typing import Any, Callable
 
 import torch
 
-from training_hub.engine.attention import use_packed_attention
 from training_hub.engine import precision
-from training_hub.engine.precision import autocast_dtype
+from training_hub.engine.attention import use_packed_attention
 
 logger = logging.getLogger("training_hub.engine")
 
@@ -46,7 +45,7 @@ def compute_dtype(config: Any, device: torch.device) -> torch.dtype | None:
     if config.dtype == "auto" and device.type == "cpu":
         model_config = AutoConfig.from_pretrained(config.model_path, trust_remote_code=config.trust_remote_code)
         hidden = getattr(model_config.get_text_config(), "hidden_size", None)
-    compute = autocast_dtype(config.dtype, device, hidden)
+    compute = precision.autocast_dtype(config.dtype, device, hidden)
     if compute == torch.bfloat16 and device.type == "cpu" and not precision.cpu_has_native_bf16():
         _warn_emulated_bf16()
     return compute

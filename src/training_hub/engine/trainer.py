@@ -104,7 +104,7 @@ class SFTRecipe:
             loss, loss_tokens = step_loss_and_backward(
                 model, rows, self.autocast, total_targets=int(global_targets), grad_scale=ranks.world_size,
                 accumulate=distributed.no_sync(model), head_loss=self.head_loss, on_host=False)
-            # torch.full, not torch.tensor: a host-to-device copy would wait for the backward to finish
+            # full_like, not torch.tensor: a host-to-device copy would wait for the queued backward to finish
             loss = distributed.all_sum_on_device(ranks, torch.stack([loss, torch.full_like(loss, float(stop()))]))
         else:
             loss, loss_tokens = step_loss_and_backward(model, rows, self.autocast, head_loss=self.head_loss,
