@@ -17,7 +17,8 @@ On CUDA, on a generated ~1B-parameter Llama-style model (built offline by ``make
 * sft again with ``torch_compile=True`` (with the default activation checkpointing, and both eager and compiled
   without it), with
   ``optimizer_state_dtype="bfloat16"`` and, where liger-kernel is installed, with ``use_liger=True``; the first
-  sft run also writes its Hugging Face checkpoint. A run that fails
+  sft run also writes its Hugging Face checkpoint and counts the host syncs of each of its steps
+  (``torch.cuda.set_sync_debug_mode``; the engine aims at one per step). A run that fails
   is reported with its error and the check goes on;
 * with more than one GPU, sft under DDP and under FSDP2 on all of them (``nproc_per_node``), which also load
   on rank 0 only and write their final checkpoint with a sharded training state.
@@ -150,6 +151,33 @@ def one_run(name: str, fn, model: Path, data: Path, out: Path, params: int, peak
     return row
 
 
+def count_step_syncs(recipe):
+    """Count, per ``recipe.train_step``, the CUDA operations that make the host wait for the device
+    (``torch.cuda.set_sync_debug_mode("warn")``); the engine aims at one per step. Returns ``(counts, restore)``:
+    the list it fills, one count per step (or the error text where the debug mode could not be used; the step then
+    runs as usual), and the function that puts the real ``train_step`` back."""
+    import warnings
+
+    real, counts = recipe.train_step, []
+
+    def train_step(self, step, stop):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            try:
+                torch.cuda.set_sync_debug_mode("warn")
+            except Exception as exc:  # noqa: BLE001 - a measurement aid: never cost the run
+                counts.append(f"{type(exc).__name__}: {exc}"[:300])
+                return real(self, step, stop)
+            try:
+                return real(self, step, stop)
+            finally:
+                torch.cuda.set_sync_debug_mode(0)
+                counts.append(sum("synchroniz" in str(w.message) for w in caught))
+
+    recipe.train_step = train_step
+    return counts, lambda: setattr(recipe, "train_step", real)
+
+
 def attention_check(model: Path) -> dict:
     """The packed-attention path a bf16 run takes on this GPU, with its self-check errors (see the docstring)."""
     from transformers import AutoModelForCausalLM
@@ -206,6 +234,7 @@ def gpu_runs(args, root: Path) -> dict:
     from transformers import AutoModelForCausalLM
 
     from training_hub import dpo, lora_sft, osft, sft
+    from training_hub.engine.trainer import SFTRecipe
 
     model = generated_model(root, args.quick)
     params = sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(model).parameters())
@@ -214,21 +243,28 @@ def gpu_runs(args, root: Path) -> dict:
     chat, pairs = write_data(root, 64 if args.quick else 512)
     common = dict(max_steps=args.steps, effective_batch_size=32, max_seq_len=1024, max_tokens_per_gpu=16384,
                   learning_rate=1e-5)
-    rows = [one_run("sft", sft, model, chat, root / "sft", params, peak, save_final_checkpoint=True, **common),
-            one_run("osft", osft, model, chat, root / "osft", params, peak, unfreeze_rank_ratio=0.25, **common),
-            one_run("lora_sft", lora_sft, model, chat, root / "lora", params, peak, **common),
-            one_run("dpo", dpo, model, pairs, root / "dpo", params, peak,
-                    **{**common, "max_tokens_per_gpu": 4096, "max_seq_len": 1024}),
-            # the options a large run turns on: regional torch.compile (self-checked), bf16 AdamW moments, Liger
-            # compile with the defaults (checkpointed layers: against the first sft run) and without checkpointing
-            one_run("sft torch_compile", sft, model, chat, root / "sft-compile", params, peak, torch_compile=True,
-                    **common),
-            one_run("sft no checkpointing", sft, model, chat, root / "sft-nockpt", params, peak,
-                    gradient_checkpointing=False, **common),
-            one_run("sft torch_compile no checkpointing", sft, model, chat, root / "sft-compile-nockpt", params,
-                    peak, torch_compile=True, gradient_checkpointing=False, **common),
-            one_run("sft bf16 moments", sft, model, chat, root / "sft-bf16m", params, peak,
-                    optimizer_state_dtype="bfloat16", **common)]
+    syncs, restore = count_step_syncs(SFTRecipe)  # during the first sft run only
+    try:
+        rows = [one_run("sft", sft, model, chat, root / "sft", params, peak, save_final_checkpoint=True, **common)]
+    finally:
+        restore()
+    rows[0]["host_syncs_per_step"] = list(syncs)
+    print(json.dumps({"run": "sft", "host_syncs_per_step": list(syncs)}), flush=True)
+    rows += [
+        one_run("osft", osft, model, chat, root / "osft", params, peak, unfreeze_rank_ratio=0.25, **common),
+        one_run("lora_sft", lora_sft, model, chat, root / "lora", params, peak, **common),
+        one_run("dpo", dpo, model, pairs, root / "dpo", params, peak,
+                **{**common, "max_tokens_per_gpu": 4096, "max_seq_len": 1024}),
+        # the options a large run turns on: regional torch.compile (self-checked), bf16 AdamW moments, Liger
+        # compile with the defaults (checkpointed layers: against the first sft run) and without checkpointing
+        one_run("sft torch_compile", sft, model, chat, root / "sft-compile", params, peak, torch_compile=True,
+                **common),
+        one_run("sft no checkpointing", sft, model, chat, root / "sft-nockpt", params, peak,
+                gradient_checkpointing=False, **common),
+        one_run("sft torch_compile no checkpointing", sft, model, chat, root / "sft-compile-nockpt", params,
+                peak, torch_compile=True, gradient_checkpointing=False, **common),
+        one_run("sft bf16 moments", sft, model, chat, root / "sft-bf16m", params, peak,
+                optimizer_state_dtype="bfloat16", **common)]
     if importlib.util.find_spec("liger_kernel") is not None:
         rows.append(one_run("sft use_liger", sft, model, chat, root / "sft-liger", params, peak, use_liger=True,
                             **common))
