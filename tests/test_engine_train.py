@@ -380,7 +380,6 @@ def test_a_training_state_is_written_once_per_point_of_progress(tiny_model_dir, 
     assert sorted(p.name for p in (tmp_path / "out" / "hf_format").iterdir()) == ["samples_4", "samples_8"]
 
 
-
 def test_a_training_step_reads_values_back_from_the_device_once(tiny_model_dir, chat_data, tmp_path, host_reads):
     """The loss and the gradient norm come back to the host together, in one read after the clip: on a GPU every
     read waits for the queued work, so each one more is a stall per step."""

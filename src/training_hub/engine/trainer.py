@@ -113,7 +113,7 @@ class SFTRecipe:
         clip = self.config.max_grad_norm or float("inf")
         norm = torch.nn.utils.clip_grad_norm_(self.trainable, clip)  # clips on the device, without a host sync
         *values, grad_norm = distributed.host_floats(loss, norm)  # the step's one host sync
-        loss, stopped = (values[0], values[1] > 0) if ranks.distributed else (values[0], None)  # ranks stop together
+        loss, stopped = values[0], (values[1] > 0 if ranks.distributed else None)  # ranks stop together
         lr = self.scheduler.get_last_lr()[0]
         if not (math.isfinite(loss) and math.isfinite(grad_norm)):  # the run stops here (engine.run): apply nothing
             self.optimizer.zero_grad(set_to_none=True)
